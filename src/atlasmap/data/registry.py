@@ -1,0 +1,260 @@
+"""Validate an AnnData and describe it as a :class:`Registry`.
+
+The registry is everything a model needs to read new data the same way it read its training data:
+where the counts are, the gene order, and each covariate's category list. It is plain data (JSON-able)
+and immutable; surgery makes an extended copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlasmap.errors import InputError
+
+_MAX_EXAMPLES = 3
+#: Registry key of the batch when a model is set up with ``batch_key=None`` (one batch, category "0").
+SINGLE_BATCH = "_atlasmap_single_batch"
+
+
+@dataclass(frozen=True)
+class Registry:
+    """How a model reads an AnnData.
+
+    Attributes
+    ----------
+    var_names
+        The model's genes, in the model's order.
+    batch_key
+        ``.obs`` column of the batch; always the first categorical covariate.
+    categorical_keys
+        All categorical covariates, ``batch_key`` first.
+    categories
+        Category list of each categorical covariate. Reference categories come first; surgery appends.
+    continuous_keys
+        ``.obs`` columns of continuous covariates.
+    layer
+        Layer holding raw counts, or ``None`` for ``.X``.
+    """
+
+    var_names: tuple[str, ...]
+    batch_key: str
+    categorical_keys: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]] = field(hash=False)
+    continuous_keys: tuple[str, ...] = ()
+    layer: str | None = None
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_categories(self) -> list[int]:
+        """Number of categories of each categorical covariate, in ``categorical_keys`` order."""
+        return [len(self.categories[k]) for k in self.categorical_keys]
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.categories[self.batch_key])
+
+    def with_categories(self, categories: dict[str, tuple[str, ...]]) -> Registry:
+        return replace(self, categories=dict(categories))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "var_names": list(self.var_names),
+            "batch_key": self.batch_key,
+            "categorical_keys": list(self.categorical_keys),
+            "categories": {k: list(v) for k, v in self.categories.items()},
+            "continuous_keys": list(self.continuous_keys),
+            "layer": self.layer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Registry:
+        return cls(
+            var_names=tuple(str(v) for v in d["var_names"]),
+            batch_key=str(d["batch_key"]),
+            categorical_keys=tuple(d["categorical_keys"]),
+            categories={k: tuple(str(c) for c in v) for k, v in d["categories"].items()},
+            continuous_keys=tuple(d.get("continuous_keys", ())),
+            layer=d.get("layer"),
+        )
+
+
+def build_registry(
+    adata: Any,
+    *,
+    batch_key: str | None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+    layer: str | None = None,
+) -> Registry:
+    """Validate ``adata`` for training and describe it.
+
+    ``batch_key=None`` means a single batch: every cell gets the category ``"0"`` (the reference still
+    gets its own batch column, so surgery keeps its latent exact).
+    """
+    check_anndata(adata)
+    check_unique_names(adata.var_names, "gene (var) names", fix="adata.var_names_make_unique()")
+    get_counts(adata, layer)  # validates; the result is discarded here and rebuilt by the loader
+    cat_keys = [batch_key] if batch_key is not None else []
+    for key in categorical_covariate_keys or []:
+        if key in cat_keys:
+            raise InputError(f"categorical covariate {key!r} is given twice (or equals batch_key).")
+        cat_keys.append(key)
+    categories: dict[str, tuple[str, ...]] = {}
+    for key in cat_keys:
+        categories[key] = tuple(_categories_in_order(obs_column(adata, key, kind="categorical")))
+    if batch_key is None:
+        batch_key = SINGLE_BATCH
+        cat_keys.insert(0, batch_key)
+        categories[batch_key] = ("0",)
+    cont_keys = tuple(continuous_covariate_keys or ())
+    for key in cont_keys:
+        continuous_values(adata, key)
+    return Registry(
+        var_names=tuple(str(v) for v in adata.var_names),
+        batch_key=batch_key,
+        categorical_keys=tuple(cat_keys),
+        categories=categories,
+        continuous_keys=cont_keys,
+        layer=layer,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by setup, surgery and inference
+# ----------------------------------------------------------------------------------------------
+
+
+def check_anndata(adata: Any) -> None:
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        anndata = None
+    if anndata is not None and not isinstance(adata, anndata.AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}; read files with anndata.read_h5ad.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); atlasmap needs cells and genes."
+        )
+    check_unique_names(adata.obs_names, "cell (obs) names", fix="adata.obs_names_make_unique()")
+
+
+def check_unique_names(names: pd.Index, what: str, *, fix: str) -> None:
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()[:_MAX_EXAMPLES]
+        raise InputError(
+            f"{what} are not unique (e.g. {', '.join(map(repr, dup))}); make them unique with {fix}."
+        )
+
+
+def obs_column(adata: Any, key: str, *, kind: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        cols = ", ".join(map(repr, list(adata.obs.columns)[:10])) or "none"
+        raise InputError(f"{kind} key {key!r} is not a column of adata.obs (columns: {cols}).")
+    col = adata.obs[key]
+    if col.isna().any():
+        n = int(col.isna().sum())
+        example = col.index[col.isna()][0]
+        raise InputError(
+            f"adata.obs[{key!r}] has {n} missing (NaN) values (e.g. cell {example!r}); "
+            "fill them with a category such as 'unknown' or drop those cells."
+        )
+    return col
+
+
+def _categories_in_order(col: pd.Series) -> list[str]:
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(col.astype(str).unique())
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    return sorted(col.astype(str).unique())
+
+
+def continuous_values(adata: Any, key: str) -> np.ndarray:
+    col = obs_column(adata, key, kind="continuous covariate")
+    try:
+        values = col.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"continuous covariate adata.obs[{key!r}] is not numeric: {err}.") from None
+    if not np.isfinite(values).all():
+        raise InputError(f"continuous covariate adata.obs[{key!r}] holds NaN or infinite values.")
+    return values
+
+
+def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
+    """Return the raw counts as a new float32 CSR matrix, after checking they are counts.
+
+    The caller's matrix is never modified (the result is a copy or a new conversion).
+    """
+    if layer is None:
+        matrix, where = adata.X, "adata.X"
+    else:
+        if layer not in adata.layers:
+            keys = ", ".join(map(repr, adata.layers.keys())) or "none"
+            raise InputError(f"layer {layer!r} is not in adata.layers (layers: {keys}).")
+        matrix, where = adata.layers[layer], f"adata.layers[{layer!r}]"
+    if matrix is None:
+        raise InputError(f"{where} is empty (None); put the raw counts there or pass layer=.")
+    if hasattr(matrix, "to_memory"):  # backed sparse dataset
+        matrix = matrix.to_memory()
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+        values = csr.data
+    else:
+        arr = np.asarray(matrix)
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{where} has dtype {arr.dtype}; atlasmap needs numeric raw counts.")
+        values = arr
+        csr = None
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise InputError(
+                f"{where} holds {int(bad.sum())} NaN or infinite values{_where_first(adata, matrix, bad, csr)}; "
+                "atlasmap models raw counts: remove or fix those entries."
+            )
+    neg = values < 0
+    if neg.any():
+        raise InputError(
+            f"{where} holds {int(neg.sum())} negative values{_where_first(adata, matrix, neg, csr)}; "
+            "atlasmap models raw counts (non-negative integers)."
+            + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
+        )
+    if values.dtype.kind == "f":
+        frac = values != np.round(values)
+        if frac.any():
+            raise InputError(
+                f"{where} holds non-integer values{_where_first(adata, matrix, frac, csr, show_value=True)}; "
+                "atlasmap models raw counts, not normalised or log-transformed data."
+                + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
+            )
+    if csr is None:
+        csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+    if csr.data.size and csr.data.max() > 2**24:
+        raise InputError(
+            f"{where} holds counts above 2^24 ({csr.data.max():.0f}); float32 cannot represent them exactly. "
+            "These are not UMI counts of one cell."
+        )
+    csr.sum_duplicates()
+    csr.sort_indices()
+    return csr
+
+
+def _where_first(adata: Any, matrix: Any, mask: np.ndarray, csr: sp.csr_matrix | None, show_value: bool = False) -> str:
+    """' (e.g. 0.69 at cell 'c', gene 'g')' for the first offending entry."""
+    if csr is not None:
+        pos = int(np.flatnonzero(mask)[0])
+        row = int(np.searchsorted(csr.indptr, pos, side="right") - 1)
+        col = int(csr.indices[pos])
+        value = csr.data[pos]
+    else:
+        row, col = (int(i) for i in np.argwhere(mask)[0])
+        value = np.asarray(matrix)[row, col]
+    shown = f"{value:.4g} " if show_value else ""
+    return f" (e.g. {shown}at cell {adata.obs_names[row]!r}, gene {adata.var_names[col]!r})"

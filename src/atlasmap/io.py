@@ -1,0 +1,223 @@
+"""Save and load models: ``config.json`` + ``weights.safetensors``, atomic, no code execution.
+
+Loading reads JSON and safetensors only; every tensor's name, shape and dtype is checked against the
+module that the config describes before any weight is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlasmap.data.registry import Registry
+from atlasmap.errors import InputError, ModelFileError
+
+FORMAT = "atlasmap-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _model_classes() -> dict[str, type]:
+    from atlasmap.models.scvi import SCVI
+
+    classes: dict[str, type] = {"SCVI": SCVI}
+    try:
+        from atlasmap.models.scanvi import SCANVI
+
+        classes["SCANVI"] = SCANVI
+    except ImportError:
+        pass
+    try:
+        from atlasmap.models.totalvi import TOTALVI
+
+        classes["TOTALVI"] = TOTALVI
+    except ImportError:
+        pass
+    return classes
+
+
+def _version() -> str:
+    from atlasmap import __version__
+
+    return __version__
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """Everything but the weights, as JSON-able data."""
+    module = model.module
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "atlasmap_version": _version(),
+        "model": type(model).__name__,
+        "hparams": module.config.to_dict(),
+        "registry": model.registry.to_dict(),
+        "block_sizes": [_block_sizes(module, j) for j in range(len(model.registry.categorical_keys))],
+        "buffers": {name: list(buf.shape) for name, buf in module.named_buffers()},
+        "key_map": model.key_map,
+        "surgery": model.surgery,
+        "is_trained": model.is_trained,
+        "extra": model._extra_state(),
+        "history": model.history,
+    }
+
+
+def _block_sizes(module: Any, covariate: int) -> list[int]:
+    tables = module.covariate_tables(covariate)
+    return tables[0].block_sizes if tables else []
+
+
+def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` to ``dir_path`` atomically (temporary sibling directory, then rename)."""
+    from safetensors.torch import save_file
+
+    target = Path(dir_path)
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target} exists and is not a directory; choose another path.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = model_config(model)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.module.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=1, allow_nan=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_file(tmp / WEIGHTS_FILE)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "model")
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_config(dir_path: str | Path) -> dict[str, Any]:
+    """Read and check ``config.json`` of a model directory."""
+    path = Path(dir_path)
+    if not path.is_dir():
+        raise ModelFileError(f"model directory {path} does not exist (or is not a directory).")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{path} has no {CONFIG_FILE}: it is not an atlasmap model directory "
+                             "(for scvi-tools models use SCVI.from_scvi_tools).")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{cfg_path} is not valid JSON ({err}); the model directory is corrupt.") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFileError(f"{cfg_path} is not an atlasmap model config (missing 'format': '{FORMAT}').")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses model format version {version!r}, written by atlasmap "
+            f"{config.get('atlasmap_version', '?')}; this atlasmap ({_version()}) reads up to version "
+            f"{FORMAT_VERSION}. Upgrade atlasmap."
+        )
+    missing = [k for k in ("model", "hparams", "registry", "block_sizes") if k not in config]
+    if missing:
+        raise ModelFileError(f"{cfg_path} lacks required entries: {', '.join(missing)}.")
+    return config
+
+
+def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None = None) -> Any:
+    """Load a model directory written by :func:`save_model`."""
+    from safetensors import SafetensorError, safe_open
+
+    from atlasmap.surgery import add_category_blocks, restore_freezing
+
+    path = Path(dir_path)
+    config = read_config(path)
+    classes = _model_classes()
+    cls = classes.get(config["model"])
+    if cls is None:
+        raise ModelFileError(f"{path} holds an unknown model type {config['model']!r} "
+                             f"(known: {', '.join(classes)}).")
+    if expected is not None and not issubclass(cls, expected):
+        raise ModelFileError(f"{path} holds a {cls.__name__} model; load it with {cls.__name__}.load.")
+    try:
+        registry = Registry.from_dict(config["registry"])
+        module_config = cls._config_cls.from_dict(config["hparams"])
+        module = cls._module_cls(module_config)
+        for covariate, sizes in enumerate(config["block_sizes"]):
+            for n in sizes[1:]:
+                add_category_blocks(module, [0] * covariate + [int(n)])
+        for name, shape in config.get("buffers", {}).items():
+            _resize_buffer(module, name, shape)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise ModelFileError(f"{path / CONFIG_FILE} does not describe a valid {cls.__name__} ({err!r}).") from None
+
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelFileError(f"{path} has no {WEIGHTS_FILE}; the model directory is incomplete.")
+    expected_tensors = module.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
+            names = set(fh.keys())
+            missing = sorted(set(expected_tensors) - names)
+            extra = sorted(names - set(expected_tensors))
+            if missing or extra:
+                raise ModelFileError(
+                    f"{weights_path} does not match {CONFIG_FILE}: "
+                    + (f"missing tensors {missing[:3]}" if missing else "")
+                    + ("; " if missing and extra else "")
+                    + (f"unexpected tensors {extra[:3]}" if extra else "")
+                )
+            for name, ref in expected_tensors.items():
+                tensor = fh.get_tensor(name)
+                if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
+                    raise ModelFileError(
+                        f"tensor {name!r} in {weights_path} has shape {tuple(tensor.shape)} and dtype "
+                        f"{tensor.dtype}; the config expects {tuple(ref.shape)} {ref.dtype}."
+                    )
+                loaded[name] = tensor
+    except SafetensorError as err:
+        raise ModelFileError(f"{weights_path} is not a readable safetensors file ({err}); it is corrupt "
+                             "or truncated.") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{weights_path} could not be read ({err}); it is corrupt or truncated.") from None
+    module.load_state_dict(loaded, strict=True)
+
+    model = cls._from_parts(
+        adata=adata, registry=registry, module=module, history=config.get("history") or {},
+        is_trained=bool(config.get("is_trained", True)), key_map=config.get("key_map") or {},
+        surgery=config.get("surgery"), extra=config.get("extra") or {},
+    )
+    if model.surgery:
+        restore_freezing(module, model.surgery)
+    else:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def _resize_buffer(module: torch.nn.Module, name: str, shape: list[int]) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    current = getattr(owner, attr)
+    if list(current.shape) != list(shape):
+        setattr(owner, attr, torch.zeros(shape, dtype=current.dtype))

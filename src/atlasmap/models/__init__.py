@@ -1,0 +1,1 @@
+"""Models: torch modules (inference / generative / loss) and their user-facing classes."""

@@ -1,0 +1,222 @@
+"""What every atlasmap model class shares: data preparation, training, latent, save/load, surgery entry.
+
+One small base class; the model classes (SCVI, ...) only say how to build their module and what
+extra per-cell fields they need. Surgery and I/O live in :mod:`atlasmap.surgery` and :mod:`atlasmap.io`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlasmap.data.loader import CellData, minibatches, prepare_cells
+from atlasmap.data.registry import Registry
+from atlasmap.errors import InputError, NotTrainedError
+from atlasmap.train import TrainConfig, default_max_epochs, train_module
+
+
+class BaseModel:
+    """Shared behaviour of the user-facing model classes.
+
+    Attributes
+    ----------
+    adata
+        The AnnData the model was set up on (reference) or mapped (query); never modified.
+    registry
+        How the model reads an AnnData (genes, covariate categories, counts layer).
+    module
+        The torch module.
+    history
+        Per-epoch training records (lists keyed by metric name), appended by every ``train`` call.
+    """
+
+    _module_cls: ClassVar[type[nn.Module]]
+    _config_cls: ClassVar[type]
+
+    adata: Any
+    registry: Registry
+    module: nn.Module
+    history: dict[str, list]
+    is_trained: bool
+    key_map: dict[str, str]
+    surgery: dict[str, Any] | None
+    min_gene_overlap: float | None
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def _from_parts(cls, *, adata: Any, registry: Registry, module: nn.Module, history: dict | None = None,
+                    is_trained: bool = False, key_map: dict[str, str] | None = None,
+                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> BaseModel:
+        self = cls.__new__(cls)
+        self._init_parts(adata=adata, registry=registry, module=module, history=history, is_trained=is_trained,
+                         key_map=key_map, surgery=surgery, extra=extra)
+        return self
+
+    def _init_parts(self, *, adata: Any, registry: Registry, module: nn.Module, history: dict | None = None,
+                    is_trained: bool = False, key_map: dict[str, str] | None = None,
+                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+        self.adata = adata
+        self.registry = registry
+        self.module = module
+        self.history = dict(history or {})
+        self.is_trained = is_trained
+        self.key_map = dict(key_map or {})
+        self.surgery = surgery
+        self.min_gene_overlap = None
+        self._cells_cache: tuple[int, CellData] | None = None
+        self._restore_extra(extra or {})
+        module.eval()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Class-specific JSON-able state saved in config.json (override in subclasses)."""
+        return {}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        """Inverse of :meth:`_extra_state`."""
+
+    def _add_fields(self, cells: CellData, adata: Any, *, training: bool) -> CellData:
+        """Add model-specific per-cell tensors (labels, proteins, ...) to ``cells``."""
+        return cells
+
+    def _init_new_batches(self, cells: CellData, added: dict[str, tuple[str, ...]]) -> None:
+        """After surgery: initialise per-batch state of the new batches from the query (override)."""
+
+    # ------------------------------------------------------------------ data
+    def _cells(self, adata: Any = None, *, training: bool = False) -> CellData:
+        """Validated, aligned tensors of ``adata`` (default: the model's own AnnData, cached)."""
+        own = adata is None or adata is self.adata
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise InputError("this model was loaded without data; pass adata= (an AnnData with the model's genes).")
+        if own and self._cells_cache is not None and self._cells_cache[0] == id(adata):
+            return self._cells_cache[1]
+        cells = prepare_cells(adata, self.registry, key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
+        cells = self._add_fields(cells, adata, training=training)
+        if own:
+            self._cells_cache = (id(adata), cells)
+        return cells
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        n_epochs_kl_warmup: int | None = 400,
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 45,
+        seed: int = 0,
+        device: str = "auto",
+        progress_bar: bool = True,
+    ) -> BaseModel:
+        """Train the model on its AnnData.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data; default ``min(400, round(20000 / n_cells * 400))`` as in scvi-tools.
+        batch_size, lr, weight_decay
+            Minibatch size, Adam learning rate and L2 weight decay (applied to trainable tensors only).
+        n_epochs_kl_warmup
+            Epochs over which the KL weight rises linearly from 0 to 1 (``None``: no warm-up).
+        train_size
+            Fraction of cells used for training; the rest is the validation set.
+        early_stopping, early_stopping_patience
+            Stop when the validation ELBO has not improved for this many epochs.
+        seed
+            Seeds the split, shuffling and sampling: the same seed gives bit-identical results on CPU.
+        device
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        progress_bar
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        The model itself, with :attr:`history` extended.
+        """
+        cells = self._cells(training=True)
+        config = TrainConfig(
+            max_epochs=max_epochs or default_max_epochs(cells.n_cells), batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size,
+            early_stopping=early_stopping, early_stopping_patience=early_stopping_patience, seed=seed,
+            device=device, progress_bar=progress_bar,
+        )
+        self.history = train_module(self.module, cells, config, self.history)
+        self.is_trained = True
+        return self
+
+    # ------------------------------------------------------------------ outputs
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            raise NotTrainedError("the model is not trained yet; call .train() first.")
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self, adata: Any = None, *, give_mean: bool = True, batch_size: int = 4096, seed: int = 0
+    ) -> np.ndarray:
+        """Latent coordinates of each cell (cells x n_latent, float32).
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (default: the model's AnnData). Genes are aligned to the model by name;
+            categories must be known to the model (map new batches with ``load_query_data``).
+        give_mean
+            Return the posterior mean; otherwise one sample of q(z|x).
+        """
+        self._check_trained()
+        cells = self._cells(adata)
+        device = self._device()
+        self.module.eval()
+        out = np.empty((cells.n_cells, self.module.config.n_latent), dtype=np.float32)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for rows in minibatches(cells.n_cells, batch_size, shuffle=False):
+            inf = self.module.inference(cells.batch(rows, device), sample=False)
+            z = inf["qz_m"]
+            if not give_mean:
+                noise = torch.randn(z.shape, generator=gen).to(device)
+                z = z + inf["qz_v"].sqrt() * noise
+            out[rows] = z.cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
+        """Save to a directory (``config.json`` + ``weights.safetensors``), atomically.
+
+        Raises :class:`~atlasmap.errors.InputError` if the directory exists and ``overwrite`` is False.
+        """
+        from atlasmap.io import save_model
+
+        return save_model(self, dir_path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: Any = None) -> BaseModel:
+        """Load a saved model; reads JSON and safetensors only (no code is executed)."""
+        from atlasmap.io import load_model
+
+        return load_model(dir_path, adata=adata, expected=cls)
+
+    @classmethod
+    def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, **kwargs: Any) -> BaseModel:
+        """Map a query onto a reference by scArches surgery; see :func:`atlasmap.surgery.load_query_data`."""
+        from atlasmap.surgery import load_query_data
+
+        return load_query_data(adata, reference, expected=cls, **kwargs)
+
+    def __repr__(self) -> str:
+        cfg = self.module.config
+        status = "trained" if self.is_trained else "untrained"
+        cats = ", ".join(f"{k}: {len(v)}" for k, v in self.registry.categories.items())
+        kind = "query" if self.surgery else "reference"
+        return (f"{type(self).__name__}({kind}, {status}; {self.registry.n_vars} genes, "
+                f"n_latent={cfg.n_latent}, n_layers={cfg.n_layers}, n_hidden={cfg.n_hidden}; categories {cats})")

@@ -1,0 +1,211 @@
+"""The scVI torch module (Lopez et al. 2018): encoder q(z|x,s), decoder p(x|z,s,l), ELBO.
+
+Split like scvi-tools into ``inference`` / ``generative`` / ``loss``; every covariate enters through
+:class:`~atlasmap.nn.layers.CovariateTable` blocks so that surgery can add categories exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atlasmap.nn.layers import CovariateTable, FCStack
+from atlasmap.nn.likelihoods import log_nb, log_poisson, log_zinb
+
+NormWhere = Literal["none", "encoder", "decoder", "both"]
+_VAR_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class SCVIConfig:
+    """Hyper-parameters of :class:`SCVIModule` (all JSON-able)."""
+
+    n_genes: int
+    n_categories: tuple[int, ...]  # per categorical covariate (batch first), reference sizes
+    n_continuous: int = 0
+    n_hidden: int = 128
+    n_latent: int = 10
+    n_layers: int = 1
+    dropout_rate: float = 0.1
+    gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb"
+    dispersion: Literal["gene", "gene-batch"] = "gene"
+    encode_covariates: bool = True
+    deeply_inject_covariates: bool = True
+    use_layer_norm: NormWhere = "both"
+    use_batch_norm: NormWhere = "none"
+    use_observed_lib_size: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_categories"] = list(self.n_categories)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SCVIConfig:
+        d = dict(d)
+        d["n_categories"] = tuple(d["n_categories"])
+        return cls(**d)
+
+
+def _norm_flags(cfg: SCVIConfig, part: str) -> dict[str, bool]:
+    return {
+        "use_batch_norm": cfg.use_batch_norm in (part, "both"),
+        "use_layer_norm": cfg.use_layer_norm in (part, "both"),
+    }
+
+
+def kl_normal_standard(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, var) || N(0, 1)) summed over the last dimension."""
+    return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
+
+
+def kl_normal_normal(mean: torch.Tensor, var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.log(p_var / var) + (var + (mean - p_mean).pow(2)) / p_var - 1.0).sum(-1)
+
+
+@dataclass
+class LossTerms:
+    """Loss of one minibatch: the scalar to minimise and per-cell terms for the history."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    extra: dict[str, torch.Tensor] | None = None
+
+
+class SCVIModule(nn.Module):
+    """scVI as a torch module. Batch = dict with ``x`` (counts), ``cat`` (codes), ``cont``."""
+
+    def __init__(self, config: SCVIConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        cats = cfg.n_categories
+        enc_cats, enc_cont = (cats, cfg.n_continuous) if cfg.encode_covariates else ((), 0)
+        self.encoder = FCStack(
+            cfg.n_genes, cfg.n_hidden, cfg.n_layers,
+            n_categories=enc_cats, n_continuous=enc_cont,
+            deep_injection=cfg.deeply_inject_covariates, dropout_rate=cfg.dropout_rate,
+            **_norm_flags(cfg, "encoder"),
+        )
+        self.z_mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        self.z_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        if not cfg.use_observed_lib_size:
+            self.l_encoder = FCStack(
+                cfg.n_genes, cfg.n_hidden, 1, n_categories=enc_cats, n_continuous=enc_cont,
+                deep_injection=cfg.deeply_inject_covariates, dropout_rate=cfg.dropout_rate,
+                **_norm_flags(cfg, "encoder"),
+            )
+            self.l_mean = nn.Linear(cfg.n_hidden, 1)
+            self.l_var = nn.Linear(cfg.n_hidden, 1)
+            # log-normal library prior per batch, filled from data by the model class
+            self.register_buffer("library_log_means", torch.zeros(cats[0]))
+            self.register_buffer("library_log_vars", torch.ones(cats[0]))
+        self.decoder = FCStack(
+            cfg.n_latent, cfg.n_hidden, cfg.n_layers,
+            n_categories=cats, n_continuous=cfg.n_continuous,
+            deep_injection=cfg.deeply_inject_covariates, dropout_rate=0.0,
+            **_norm_flags(cfg, "decoder"),
+        )
+        self.px_scale = nn.Linear(cfg.n_hidden, cfg.n_genes)
+        self.px_dropout = nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.gene_likelihood == "zinb" else None
+        if cfg.dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(cfg.n_genes))
+        elif cfg.dispersion == "gene-batch":
+            self.px_r_batch = CovariateTable(cats[0], cfg.n_genes, init_bound=None)
+        else:
+            raise ValueError(f"unknown dispersion {cfg.dispersion!r}")
+        # set by surgery: norm layers kept in eval mode, dropout off during training
+        self.frozen_norms: list[nn.Module] = []
+        self.dropout_frozen = False
+
+    # ------------------------------------------------------------------ structure for surgery
+    def covariate_tables(self, covariate: int) -> list[CovariateTable]:
+        """Every table of categorical covariate ``covariate`` (encoder, decoder, dispersion)."""
+        tables = [layer.covariates[covariate] for stack in self._stacks() for layer in stack.layers
+                  if len(layer.covariates) > covariate]
+        if covariate == 0 and hasattr(self, "px_r_batch"):
+            tables.append(self.px_r_batch)
+        return tables
+
+    def _stacks(self) -> list[FCStack]:
+        stacks = [self.encoder, self.decoder]
+        if hasattr(self, "l_encoder"):
+            stacks.insert(1, self.l_encoder)
+        return stacks
+
+    def extend_batch_buffers(self, log_means: torch.Tensor, log_vars: torch.Tensor) -> None:
+        """Append library priors of new batches (``use_observed_lib_size=False`` only)."""
+        if hasattr(self, "library_log_means"):
+            self.library_log_means = torch.cat([self.library_log_means, log_means.to(self.library_log_means)])
+            self.library_log_vars = torch.cat([self.library_log_vars, log_vars.to(self.library_log_vars)])
+
+    def train(self, mode: bool = True) -> SCVIModule:
+        super().train(mode)
+        if mode:
+            for m in self.frozen_norms:
+                m.eval()
+            if self.dropout_frozen:
+                for m in self.modules():
+                    if isinstance(m, nn.Dropout):
+                        m.eval()
+        return self
+
+    # ------------------------------------------------------------------ model
+    def inference(self, batch: dict[str, torch.Tensor], *, sample: bool = True) -> dict[str, torch.Tensor]:
+        x, cat, cont = batch["x"], batch["cat"], batch["cont"]
+        x_log = torch.log1p(x)
+        h = self.encoder(x_log, cat, cont)
+        qz_m = self.z_mean(h)
+        qz_v = torch.exp(self.z_var(h)) + _VAR_EPS
+        z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
+        out = {"qz_m": qz_m, "qz_v": qz_v, "z": z}
+        if self.config.use_observed_lib_size:
+            out["library"] = torch.log(x.sum(1, keepdim=True))
+        else:
+            hl = self.l_encoder(x_log, cat, cont)
+            ql_m, ql_v = self.l_mean(hl), torch.exp(self.l_var(hl)) + _VAR_EPS
+            out.update(ql_m=ql_m, ql_v=ql_v,
+                       library=ql_m + ql_v.sqrt() * torch.randn_like(ql_m) if sample else ql_m)
+        return out
+
+    def generative(
+        self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        h = self.decoder(z, cat, cont)
+        px_scale = F.softmax(self.px_scale(h), dim=-1)
+        px_rate = torch.exp(library) * px_scale
+        if self.config.dispersion == "gene":
+            theta = torch.exp(self.px_r)
+        else:
+            theta = torch.exp(self.px_r_batch(cat[:, 0]))
+        out = {"px_scale": px_scale, "px_rate": px_rate, "theta": theta}
+        if self.px_dropout is not None:
+            out["px_dropout"] = self.px_dropout(h)
+        return out
+
+    def reconstruction_loss(self, x: torch.Tensor, px: dict[str, torch.Tensor]) -> torch.Tensor:
+        lik = self.config.gene_likelihood
+        if lik == "zinb":
+            logp = log_zinb(x, px["px_rate"], px["theta"], px["px_dropout"])
+        elif lik == "nb":
+            logp = log_nb(x, px["px_rate"], px["theta"])
+        else:
+            logp = log_poisson(x, px["px_rate"])
+        return -logp.sum(-1)
+
+    def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
+        inf = self.inference(batch)
+        px = self.generative(inf["z"], inf["library"], batch["cat"], batch["cont"])
+        reconst = self.reconstruction_loss(batch["x"], px)
+        kl_z = kl_normal_standard(inf["qz_m"], inf["qz_v"])
+        kl_l = torch.zeros_like(kl_z)
+        if not self.config.use_observed_lib_size:
+            b = batch["cat"][:, 0]
+            kl_l = kl_normal_normal(inf["ql_m"], inf["ql_v"], self.library_log_means[b].unsqueeze(-1),
+                                    self.library_log_vars[b].unsqueeze(-1))
+        loss = torch.mean(reconst + kl_weight * kl_z + kl_l)
+        return LossTerms(loss=loss, reconstruction=reconst, kl=kl_z + kl_l)

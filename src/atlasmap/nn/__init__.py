@@ -1,0 +1,1 @@
+"""Torch building blocks. Nothing here knows about AnnData."""

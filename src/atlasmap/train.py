@@ -1,0 +1,174 @@
+"""The training loop: Adam on the trainable tensors only, KL warm-up, train/validation split,
+early stopping, per-epoch history and a progress bar. Works for any module whose
+``loss(batch, kl_weight)`` returns :class:`~atlasmap.models.scvi_module.LossTerms`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlasmap.data.loader import CellData, minibatches
+from atlasmap.errors import AtlasmapError, InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one :func:`train_module` call (defaults follow scvi-tools 1.x)."""
+
+    max_epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    adam_eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 400
+    train_size: float = 0.9
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise InputError(f"max_epochs must be at least 1, got {self.max_epochs}.")
+        if self.batch_size < 2:
+            raise InputError(f"batch_size must be at least 2, got {self.batch_size}.")
+        if not 0.0 < self.train_size <= 1.0:
+            raise InputError(f"train_size must be in (0, 1], got {self.train_size}.")
+        if self.lr <= 0:
+            raise InputError(f"lr must be positive, got {self.lr}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """scvi-tools' heuristic: about 20,000 cells x 400 epochs worth of steps, at most 400 epochs."""
+    return int(min(400, max(1, round(20_000 / max(n_cells, 1) * 400))))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'.")
+    return dev
+
+
+def kl_weight_at(epoch: int, n_epochs_kl_warmup: int | None) -> float:
+    if not n_epochs_kl_warmup:
+        return 1.0
+    return min(1.0, epoch / n_epochs_kl_warmup)
+
+
+def split_cells(n_cells: int, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split (scvi-tools' rule: ``ceil(train_size * n)`` training cells)."""
+    order = np.random.default_rng(seed).permutation(n_cells)
+    n_train = min(n_cells, math.ceil(train_size * n_cells))
+    if n_cells - n_train < 1:
+        n_train = n_cells
+    return np.sort(order[:n_train]), np.sort(order[n_train:])
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def train_module(module: nn.Module, cells: CellData, config: TrainConfig, history: dict[str, list] | None = None
+                 ) -> dict[str, list]:
+    """Train ``module`` on ``cells``; append per-epoch records to ``history`` and return it.
+
+    Only parameters with ``requires_grad`` enter the optimizer, so weight decay and Adam state never
+    touch frozen tensors.
+    """
+    device = resolve_device(config.device)
+    module.to(device)
+    params = trainable_parameters(module)
+    if not params:
+        raise AtlasmapError("the model has no trainable parameters; nothing to train.")
+    optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay)
+    train_idx, val_idx = split_cells(cells.n_cells, config.train_size, config.seed)
+    rng = np.random.default_rng(config.seed + 1)
+    history = history if history is not None else defaultdict(list)
+    history = defaultdict(list, history)
+    start_epoch = len(history.get("epoch", []))
+    best, since_best = math.inf, 0
+
+    from tqdm.auto import tqdm
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        bar = tqdm(range(config.max_epochs), desc="Training", unit="epoch", disable=not config.progress_bar,
+                   leave=False, dynamic_ncols=True)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            kl_weight = kl_weight_at(epoch, config.n_epochs_kl_warmup)
+            module.train()
+            totals = np.zeros(3)
+            for rows in minibatches(train_idx.size, config.batch_size, shuffle=True, generator=rng):
+                batch = cells.batch(train_idx[rows], device)
+                terms = module.loss(batch, kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                optimizer.step()
+                totals += _sums(terms)
+            if not np.isfinite(totals).all():
+                raise AtlasmapError(
+                    f"training diverged at epoch {start_epoch + epoch} (loss is NaN or infinite); "
+                    "lower lr (e.g. lr=1e-4) or check the counts for extreme values."
+                )
+            record = {"epoch": start_epoch + epoch, "kl_weight": kl_weight}
+            record.update(_record(totals, train_idx.size, "train"))
+            if val_idx.size:
+                record.update(_record(evaluate_loss(module, cells, val_idx, kl_weight, device), val_idx.size,
+                                      "validation"))
+            record["epoch_seconds"] = time.perf_counter() - t0
+            for key, value in record.items():
+                history[key].append(value)
+            monitored = record.get("elbo_validation", record["elbo_train"])
+            bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
+                            elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
+            if monitored < best - config.early_stopping_min_delta:
+                best, since_best = monitored, 0
+            else:
+                since_best += 1
+            if config.early_stopping and since_best >= config.early_stopping_patience:
+                break
+        bar.close()
+    module.eval()
+    return dict(history)
+
+
+def _sums(terms: Any) -> np.ndarray:
+    with torch.no_grad():
+        n = terms.reconstruction.shape[0]
+        return np.array([terms.loss.item() * n, terms.reconstruction.sum().item(), terms.kl.sum().item()])
+
+
+def _record(totals: np.ndarray, n: int, split: str) -> dict[str, float]:
+    loss, rec, kl = (float(v) / n for v in totals)
+    return {f"{split}_loss": loss, f"elbo_{split}": rec + kl, f"reconstruction_loss_{split}": rec,
+            f"kl_local_{split}": kl}
+
+
+@torch.no_grad()
+def evaluate_loss(module: nn.Module, cells: CellData, rows: np.ndarray, kl_weight: float,
+                  device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """Summed (loss, reconstruction, KL) of ``rows`` in eval mode."""
+    module.eval()
+    totals = np.zeros(3)
+    for chunk in minibatches(rows.size, batch_size, shuffle=False):
+        totals += _sums(module.loss(cells.batch(rows[chunk], device), kl_weight))
+    return totals
