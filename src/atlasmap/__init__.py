@@ -14,10 +14,18 @@ from atlasmap.errors import AtlasmapError, InputError, ModelFileError, NotTraine
 
 __version__ = "0.1.0"
 
-__all__ = ["SCVI", "AtlasmapError", "InputError", "ModelFileError", "NotTrainedError", "__version__",
+__all__ = ["SCANVI", "SCVI", "TOTALVI", "AtlasmapError", "InputError", "ModelFileError", "NotTrainedError", "__version__",
            "datasets", "load"]
 
-_LAZY = {"SCVI": ("atlasmap.models.scvi", "SCVI"), "datasets": ("atlasmap.datasets", None)}
+_LAZY = {
+    "SCVI": ("atlasmap.models.scvi", "SCVI"),
+    "SCANVI": ("atlasmap.models.scanvi", "SCANVI"),
+    "TOTALVI": ("atlasmap.models.totalvi", "TOTALVI"),
+    "evaluate": ("atlasmap.metrics", "evaluate"),
+    "map_query": ("atlasmap.mapping", "map_query"),
+    "datasets": ("atlasmap.datasets", None),
+    "KNNLabelTransfer": ("atlasmap.knn", "KNNLabelTransfer"),
+}
 
 
 def __getattr__(name: str) -> Any:
