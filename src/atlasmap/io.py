@@ -161,6 +161,7 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
     try:
         registry = Registry.from_dict(config["registry"])
         module_config = cls._config_cls.from_dict(config["hparams"])
+        _check_registry_matches(path, registry, module_config, config["block_sizes"])
         module = cls._module_cls(module_config)
         for covariate, sizes in enumerate(config["block_sizes"]):
             for n in sizes[1:]:
@@ -213,6 +214,33 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
         for p in module.parameters():
             p.requires_grad_(True)
     return model
+
+
+def _check_registry_matches(path: Path, registry: Registry, module_config: Any, block_sizes: list) -> None:
+    """The registry (genes, categories, covariates) must describe the same shapes as the hyper-parameters
+    and block sizes; otherwise the weights would load and fail (or silently misread) at inference."""
+    problems = []
+    n_genes = getattr(module_config, "n_genes", None)
+    if n_genes is not None and registry.n_vars != n_genes:
+        problems.append(f"{registry.n_vars} gene names but n_genes={n_genes}")
+    n_continuous = getattr(module_config, "n_continuous", None)
+    if n_continuous is not None and len(registry.continuous_keys) != n_continuous:
+        problems.append(f"{len(registry.continuous_keys)} continuous covariates but n_continuous={n_continuous}")
+    if len(block_sizes) != len(registry.categorical_keys):
+        problems.append(f"{len(registry.categorical_keys)} categorical covariates but block sizes for "
+                        f"{len(block_sizes)}")
+    else:
+        n_ref = getattr(module_config, "n_categories", None)
+        for j, (key, sizes) in enumerate(zip(registry.categorical_keys, block_sizes, strict=True)):
+            n_cats = len(registry.categories.get(key, ()))
+            if sum(int(n) for n in sizes) != n_cats:
+                problems.append(f"covariate {key!r} has {n_cats} categories but parameter blocks of sizes {sizes}")
+            elif n_ref is not None and (j >= len(n_ref) or not sizes or int(sizes[0]) != n_ref[j]):
+                problems.append(f"covariate {key!r}: reference block size {sizes[:1]} does not match the "
+                                f"hyper-parameters")
+    if problems:
+        raise ModelFileError(f"{path / CONFIG_FILE} is inconsistent ({'; '.join(problems)}); the model directory "
+                             "is corrupt.")
 
 
 def _resize_buffer(module: torch.nn.Module, name: str, shape: list[int]) -> None:

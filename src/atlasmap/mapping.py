@@ -46,6 +46,47 @@ def write_h5ad_atomic(adata: Any, path: str | Path, *, overwrite: bool = False) 
     return path
 
 
+def map_query(
+    adata_query: Any,
+    reference: Any,
+    *,
+    batch_key: str | None = None,
+    max_epochs: int | None = None,
+    adata_reference: Any = None,
+    key_added: str = LATENT_KEY,
+    surgery_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """Surgery + query training + embedding in one call.
+
+    Parameters
+    ----------
+    adata_query
+        Query AnnData (raw counts). Not modified.
+    reference
+        A trained model of any atlasmap class, or its saved directory.
+    batch_key
+        Query batch column, if named differently from the reference's.
+    max_epochs
+        Query training epochs (default: scvi-tools' heuristic).
+    adata_reference
+        Reference cells to embed alongside the query (optional).
+    surgery_kwargs, train_kwargs
+        Passed to ``load_query_data`` (e.g. ``unfrozen=True``) and ``train`` (e.g. ``lr=``).
+
+    Returns
+    -------
+    ``(query_model, mapped)`` where ``mapped`` is a new AnnData with the latent in ``obsm[key_added]``.
+    """
+    from atlasmap.io import load_model
+
+    if isinstance(reference, str | Path):
+        reference = load_model(reference)
+    model = type(reference).load_query_data(adata_query, reference, batch_key=batch_key, **(surgery_kwargs or {}))
+    model.train(max_epochs, **(train_kwargs or {}))
+    return model, joint_embedding(model, adata_query, adata_reference, key_added=key_added)
+
+
 def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *, key_added: str = LATENT_KEY
                     ) -> Any:
     """A new AnnData of the query (and, if given, the reference) cells with the latent in ``obsm[key_added]``.

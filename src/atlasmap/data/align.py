@@ -108,6 +108,8 @@ def encode_categories(adata: Any, registry: Registry, key_map: dict[str, str] | 
     for j, key in enumerate(registry.categorical_keys):
         cats = registry.categories[key]
         col_key = key_map.get(key, key)
+        if col_key not in adata.obs.columns and key in adata.obs.columns:
+            col_key = key  # e.g. reference cells read by a query model whose query batch column is renamed
         if key == SINGLE_BATCH and col_key not in adata.obs.columns:
             codes[:, j] = 0  # cells of the reference trained without a batch key
             continue

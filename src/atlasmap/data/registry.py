@@ -109,7 +109,8 @@ def build_registry(
         cat_keys.append(key)
     categories: dict[str, tuple[str, ...]] = {}
     for key in cat_keys:
-        categories[key] = tuple(_categories_in_order(obs_column(adata, key, kind="categorical")))
+        kind = "batch" if key == batch_key else "categorical covariate"
+        categories[key] = tuple(_categories_in_order(obs_column(adata, key, kind=kind)))
     if batch_key is None:
         batch_key = SINGLE_BATCH
         cat_keys.insert(0, batch_key)
