@@ -81,9 +81,9 @@ def test_negative_integer_counts_are_refused() -> None:
 
 def test_non_numeric_x_is_refused() -> None:
     adata = _tiny(np.ones((2, 2)))
-    with pytest.raises(InputError, match="numeric raw counts"):
-        get_counts(type("A", (), {"X": np.array([["a", "b"]]), "obs_names": adata.obs_names,
-                                  "var_names": adata.var_names})(), None)
+    adata.layers["text"] = np.array([["a", "b"], ["c", "d"]], dtype=object)
+    with pytest.raises(InputError, match=r"adata\.layers\['text'\] has dtype object; atlasmap needs numeric raw counts"):
+        get_counts(adata, "text")
 
 
 def test_missing_batch_key_lists_columns(ref_adata: Any) -> None:

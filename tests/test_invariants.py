@@ -381,6 +381,18 @@ def test_batch_norm_surgery_options(ref_adata: Any, query_adata: Any, freeze_dec
     assert np.array_equal(query.get_latent_representation(ref_adata), z_ref)
 
 
+def test_query_of_known_batches_adds_nothing(ref_model: Any, ref_adata: Any) -> None:
+    """A 'query' made only of reference categories gets no new blocks: it embeds exactly like the reference,
+    and there is nothing to train."""
+    query = atlasmap.SCVI.load_query_data(ref_adata[::2].copy(), ref_model)
+    assert query.registry.categories == ref_model.registry.categories
+    assert query.surgery["trainable"] == [] and query.surgery["new_categories"] == {"batch": []}
+    assert all(len(t.blocks) == 1 for _, layer in _injected_layers(query.module) for t in layer.covariates)
+    assert np.array_equal(query.get_latent_representation(ref_adata), ref_model.get_latent_representation())
+    with pytest.raises(atlasmap.AtlasmapError, match="no trainable parameters"):
+        query.train(1, progress_bar=False)
+
+
 def test_unknown_surgery_option_is_refused(ref_model: Any, query_adata: Any) -> None:
     with pytest.raises(atlasmap.InputError, match="freeze_expresion"):
         atlasmap.SCVI.load_query_data(query_adata, ref_model, freeze_expresion=False)

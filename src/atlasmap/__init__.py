@@ -25,6 +25,7 @@ _LAZY = {
     "map_query": ("atlasmap.mapping", "map_query"),
     "datasets": ("atlasmap.datasets", None),
     "KNNLabelTransfer": ("atlasmap.knn", "KNNLabelTransfer"),
+    "transfer_labels": ("atlasmap.knn", "transfer_labels"),
 }
 
 

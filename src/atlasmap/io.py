@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,44 @@ def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> 
             os.fsync(fh.fileno())
         _fsync_file(tmp / WEIGHTS_FILE)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "model")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange_directories(tmp, target):  # one atomic step: the path always holds a whole model
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous model
+            else:  # no RENAME_EXCHANGE (not Linux, old kernel, some filesystems): a brief window remains
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, old / "model")
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _exchange_directories(a: Path, b: Path) -> bool:
+    """Atomically swap two directories with Linux ``renameat2(RENAME_EXCHANGE)``.
+
+    Returns False where that is unavailable (the caller falls back to two renames); other errors raise.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _fsync_file(path: Path) -> None:
@@ -126,7 +155,7 @@ def read_config(dir_path: str | Path) -> dict[str, Any]:
                              "(for scvi-tools models use SCVI.from_scvi_tools).")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested [[[...
         raise ModelFileError(f"{cfg_path} is not valid JSON ({err}); the model directory is corrupt.") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"{cfg_path} is not an atlasmap model config (missing 'format': '{FORMAT}').")
@@ -145,7 +174,8 @@ def read_config(dir_path: str | Path) -> dict[str, Any]:
 
 def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None = None) -> Any:
     """Load a model directory written by :func:`save_model`."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
 
     from atlasmap.surgery import add_category_blocks, restore_freezing
 
@@ -162,13 +192,19 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
         registry = Registry.from_dict(config["registry"])
         module_config = cls._config_cls.from_dict(config["hparams"])
         _check_registry_matches(path, registry, module_config, config["block_sizes"])
-        module = cls._module_cls(module_config)
-        for covariate, sizes in enumerate(config["block_sizes"]):
-            for n in sizes[1:]:
-                add_category_blocks(module, [0] * covariate + [int(n)])
-        for name, shape in config.get("buffers", {}).items():
-            _resize_buffer(module, name, shape)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+
+        def build() -> torch.nn.Module:
+            module = cls._module_cls(module_config)
+            for covariate, sizes in enumerate(config["block_sizes"]):
+                for n in sizes[1:]:
+                    add_category_blocks(module, [0] * covariate + [int(n)])
+            for name, shape in config.get("buffers", {}).items():
+                _resize_buffer(module, name, shape)
+            return module
+
+        _check_weights_size(path, build)  # before allocating: a crafted config cannot request huge tensors
+        module = build()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
         raise ModelFileError(f"{path / CONFIG_FILE} does not describe a valid {cls.__name__} ({err!r}).") from None
 
     weights_path = path / WEIGHTS_FILE
@@ -177,25 +213,27 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
     expected_tensors = module.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
-            names = set(fh.keys())
-            missing = sorted(set(expected_tensors) - names)
-            extra = sorted(names - set(expected_tensors))
-            if missing or extra:
+        # a private in-memory copy, not a memory map: a file truncated or rewritten in place while
+        # loading (cp, an in-place download) must give an error, not kill the process with SIGBUS
+        in_file = load_safetensors(weights_path.read_bytes())
+        names = set(in_file)
+        missing = sorted(set(expected_tensors) - names)
+        extra = sorted(names - set(expected_tensors))
+        if missing or extra:
+            raise ModelFileError(
+                f"{weights_path} does not match {CONFIG_FILE}: "
+                + (f"missing tensors {missing[:3]}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected tensors {extra[:3]}" if extra else "")
+            )
+        for name, ref in expected_tensors.items():
+            tensor = in_file[name]
+            if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
                 raise ModelFileError(
-                    f"{weights_path} does not match {CONFIG_FILE}: "
-                    + (f"missing tensors {missing[:3]}" if missing else "")
-                    + ("; " if missing and extra else "")
-                    + (f"unexpected tensors {extra[:3]}" if extra else "")
+                    f"tensor {name!r} in {weights_path} has shape {tuple(tensor.shape)} and dtype "
+                    f"{tensor.dtype}; the config expects {tuple(ref.shape)} {ref.dtype}."
                 )
-            for name, ref in expected_tensors.items():
-                tensor = fh.get_tensor(name)
-                if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
-                    raise ModelFileError(
-                        f"tensor {name!r} in {weights_path} has shape {tuple(tensor.shape)} and dtype "
-                        f"{tensor.dtype}; the config expects {tuple(ref.shape)} {ref.dtype}."
-                    )
-                loaded[name] = tensor
+            loaded[name] = tensor
     except SafetensorError as err:
         raise ModelFileError(f"{weights_path} is not a readable safetensors file ({err}); it is corrupt "
                              "or truncated.") from None
@@ -203,17 +241,39 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
         raise ModelFileError(f"{weights_path} could not be read ({err}); it is corrupt or truncated.") from None
     module.load_state_dict(loaded, strict=True)
 
-    model = cls._from_parts(
-        adata=adata, registry=registry, module=module, history=config.get("history") or {},
-        is_trained=bool(config.get("is_trained", True)), key_map=config.get("key_map") or {},
-        surgery=config.get("surgery"), extra=config.get("extra") or {},
-    )
-    if model.surgery:
-        restore_freezing(module, model.surgery)
-    else:
-        for p in module.parameters():
-            p.requires_grad_(True)
+    try:
+        model = cls._from_parts(
+            adata=adata, registry=registry, module=module, history=config.get("history") or {},
+            is_trained=bool(config.get("is_trained", True)), key_map=config.get("key_map") or {},
+            surgery=config.get("surgery"), extra=config.get("extra") or {},
+        )
+        if model.surgery:
+            restore_freezing(module, model.surgery)
+        else:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    except (InputError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ModelFileError(f"{path / CONFIG_FILE} has invalid model state ({err}); the model directory is "
+                             "corrupt.") from None
     return model
+
+
+def _check_weights_size(path: Path, build: Any) -> None:
+    """Refuse a config whose module needs more bytes than ``weights.safetensors`` holds, by building it on
+    the meta device (no memory): loading then allocates at most about the size of the weights file."""
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        return  # reported after the config checks
+    try:
+        with torch.device("meta"):
+            meta = build()
+    except Exception:  # noqa: BLE001 - a dry run only; the real build reports its own errors
+        return
+    need = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
+    have = weights.stat().st_size
+    if need > have:
+        raise ModelFileError(f"{path / CONFIG_FILE} describes {need / 1e6:.3g} MB of weights but {WEIGHTS_FILE} "
+                             f"holds {have / 1e6:.3g} MB; the model directory is corrupt.")
 
 
 def _check_registry_matches(path: Path, registry: Registry, module_config: Any, block_sizes: list) -> None:

@@ -98,13 +98,15 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
 
     query = adata_query.copy()
     query.obsm[key_added] = model.get_latent_representation(adata_query)
+    query_extra = _model_obsm_outputs(model, adata_query)
+    query.obsm.update(query_extra)
     if adata_reference is None:
         query.obs[DATASET_KEY] = pd.Categorical(["query"] * query.n_obs, categories=["reference", "query"])
         return query
     reference = adata_reference.copy()
     reference.obsm[key_added] = model.get_latent_representation(adata_reference)
-    for a in (reference, query):
-        a.obsm = {key_added: a.obsm[key_added]}  # other embeddings are not comparable across the two
+    for a, extra in ((reference, _model_obsm_outputs(model, adata_reference)), (query, query_extra)):
+        a.obsm = {key_added: a.obsm[key_added], **extra}  # other embeddings are not comparable across the two
         a.varm = {}
         a.obsp = {}
     overlap = reference.obs_names.intersection(query.obs_names)
@@ -114,39 +116,54 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
     return joint
 
 
-def knn_transfer(joint: Any, labels_key: str, *, k: int = 15, uncertainty_threshold: float = 0.5,
-                 key_added: str = "atlasmap", use_rep: str = LATENT_KEY) -> dict[str, float]:
-    """Transfer ``obs[labels_key]`` from reference to query cells of ``joint`` (in place) by kNN.
+def _model_obsm_outputs(model: Any, adata: Any) -> dict[str, Any]:
+    """Further per-cell outputs of models that have them, keyed by ``.obsm`` slot (totalVI: denoised and
+    imputed proteins, foreground probability, measured mask)."""
+    outputs = getattr(model, "obsm_outputs", None)
+    return {} if outputs is None else dict(outputs(adata))
 
-    Writes ``obs[f"{key_added}_{labels_key}"]`` and ``obs[f"{key_added}_{labels_key}_uncertainty"]``
-    for the query cells (reference cells keep their own label, uncertainty 0). Returns a summary with the
-    accuracy when the query has labels of its own.
+
+def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncertainty_threshold: float = 0.5,
+                 key_added: str = "atlasmap", use_rep: str = LATENT_KEY, kernel: str = "gaussian",
+                 unknown_label: str = "Unknown") -> dict[str, Any]:
+    """Transfer ``obs[labels_key]`` from reference to query cells of ``joint`` (in place) by weighted kNN.
+
+    A thin wrapper of :func:`atlasmap.knn.transfer_labels` on a joint AnnData (``obs['atlasmap_dataset']``
+    says which cells are reference and which query); see there for the columns written:
+    ``obs[f"{key_added}_{labels_key}"]``, ``obs[f"{key_added}_{labels_key}_uncertainty"]`` and
+    ``obsm[f"{key_added}_{labels_key}_proba"]``. The generic ``{key_added}_label`` names are left to the
+    model's own predictions (SCANVI). Reference cells keep their own label, uncertainty 0.
+
+    Returns
+    -------
+    A JSON-able summary of the first level: ``k``, ``n_query``, ``fraction_unknown`` and, when the query
+    cells have labels of their own, ``accuracy`` (of the argmax label, threshold not applied: comparable to
+    scvi-tools' and scArches' figures) and ``accuracy_with_unknown`` (``Unknown`` counted as wrong).
     """
-    from atlasmap.knn import KNNLabelTransfer
+    from atlasmap.knn import transfer_labels
 
-    if labels_key not in joint.obs.columns:
-        raise InputError(f"labels key {labels_key!r} is not a column of the reference's .obs.")
-    is_ref = (joint.obs[DATASET_KEY] == "reference").to_numpy()
-    ref_labels = joint.obs.loc[is_ref, labels_key]
-    if ref_labels.isna().all():
-        raise InputError(f"the reference has no values in obs[{labels_key!r}] to transfer.")
-    keep = ref_labels.notna().to_numpy()
-    latent = np.asarray(joint.obsm[use_rep])
-    index = KNNLabelTransfer(latent[is_ref][keep], ref_labels[keep], k=k)
-    result = index.predict(latent[~is_ref], uncertainty_threshold=uncertainty_threshold,
-                           index=joint.obs_names[~is_ref])[labels_key]
-    pred_key, unc_key = f"{key_added}_{labels_key}", f"{key_added}_{labels_key}_uncertainty"
-    predicted = joint.obs[labels_key].astype(object).copy()
-    predicted[~is_ref] = result.labels.to_numpy()
-    joint.obs[pred_key] = pd.Categorical(predicted.astype(str))
-    uncertainty = np.zeros(joint.n_obs)
-    uncertainty[~is_ref] = result.uncertainty.to_numpy()
-    joint.obs[unc_key] = uncertainty
-    summary = {"k": float(k), "n_query": float((~is_ref).sum()),
-               "fraction_unknown": float((result.labels == "Unknown").mean())}
-    truth = joint.obs.loc[~is_ref, labels_key]
-    if truth.notna().any():
-        mask = truth.notna().to_numpy()
-        raw_best = result.probabilities.idxmax(axis=1).to_numpy()
-        summary["accuracy"] = float(np.mean(raw_best[mask] == truth.astype(str).to_numpy()[mask]))
+    keys = [labels_key] if isinstance(labels_key, str) else list(labels_key)
+    if DATASET_KEY not in joint.obs.columns:
+        raise InputError(f"kNN transfer needs reference cells in the mapped data (obs[{DATASET_KEY!r}]); "
+                         "pass --with-reference REF.h5ad / adata_reference=.")
+    for key in keys:
+        if key not in joint.obs.columns:
+            raise InputError(f"labels key {key!r} is not a column of the reference's .obs.")
+    transfer_labels(joint, labels_keys=keys, use_rep=use_rep, k=k, uncertainty_threshold=uncertainty_threshold,
+                    unknown_label=unknown_label, kernel=kernel, key_added=key_added, dataset_key=DATASET_KEY,
+                    label_alias=False)
+    is_query = (joint.obs[DATASET_KEY].astype(str) == "query").to_numpy()
+    predicted = joint.obs[f"{key_added}_{keys[0]}"].astype(object).to_numpy()[is_query]
+    proba = joint.obsm[f"{key_added}_{keys[0]}_proba"]
+    summary: dict[str, Any] = {"labels_key": keys[0], "k": int(joint.uns[f"{key_added}_label_transfer"]["k"]),
+                               "kernel": kernel, "n_query": int(is_query.sum()),
+                               "fraction_unknown": float(np.mean(predicted == unknown_label)) if is_query.any()
+                               else 0.0}
+    truth = joint.obs[keys[0]].to_numpy(dtype=object)[is_query]
+    has_truth = pd.notna(truth)
+    if has_truth.any():
+        truth = truth[has_truth].astype(str)
+        argmax = np.asarray(proba.columns, dtype=object)[np.asarray(proba)[is_query].argmax(1)][has_truth]
+        summary["accuracy"] = float(np.mean(argmax == truth))
+        summary["accuracy_with_unknown"] = float(np.mean(predicted[has_truth] == truth))
     return summary

@@ -163,8 +163,7 @@ def apply_freezing(module: nn.Module, new_params: list[nn.Parameter], opts: Surg
         p.requires_grad_(False)
     for p in new_params:
         p.requires_grad_(True)
-    encoders = [s for s in (getattr(module, "encoder", None), getattr(module, "l_encoder", None)) if s is not None]
-    decoders = [s for s in (getattr(module, "decoder", None),) if s is not None]
+    encoders, decoders = _stacks(module)
     if not opts.freeze_expression:
         for stack in encoders:
             stack.layers[0].linear.requires_grad_(True)
@@ -180,9 +179,29 @@ def apply_freezing(module: nn.Module, new_params: list[nn.Parameter], opts: Surg
                         frozen_norms.append(norm)
                     else:
                         norm.requires_grad_(True)
-    module.frozen_norms = frozen_norms
+    module.frozen_norms = frozen_norms + _extra_frozen_norms(module, opts)
     if not opts.freeze_classifier and hasattr(module, "classifier"):
         module.classifier.requires_grad_(True)
+
+
+def _stacks(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Encoder and decoder stacks the options act on: ``module.surgery_stacks()`` when the module lists
+    them (totalVI has four decoder bodies), else its ``encoder`` / ``l_encoder`` and ``decoder``."""
+    if hasattr(module, "surgery_stacks"):
+        stacks = module.surgery_stacks()
+        return list(stacks["encoder"]), list(stacks["decoder"])
+    encoders = [s for s in (getattr(module, "encoder", None), getattr(module, "l_encoder", None)) if s is not None]
+    decoders = [s for s in (getattr(module, "decoder", None),) if s is not None]
+    return encoders, decoders
+
+
+def _extra_frozen_norms(module: nn.Module, opts: SurgeryOptions) -> list[nn.Module]:
+    """Batch-norm layers of the module's other frozen parts (e.g. scANVI's label stacks), which a module
+    lists with ``extra_frozen_modules(freeze_classifier)``; kept in eval mode so their statistics stay."""
+    extra = getattr(module, "extra_frozen_modules", None)
+    if extra is None:
+        return []
+    return [m for part in extra(opts.freeze_classifier) for m in part.modules() if isinstance(m, nn.BatchNorm1d)]
 
 
 def restore_freezing(module: nn.Module, surgery: dict[str, Any]) -> None:
@@ -198,12 +217,11 @@ def restore_freezing(module: nn.Module, surgery: dict[str, Any]) -> None:
     if opts.unfrozen:
         return
     frozen = []
-    for stack_name, freeze in (("encoder", opts.freeze_batchnorm_encoder), ("l_encoder", opts.freeze_batchnorm_encoder),
-                               ("decoder", opts.freeze_batchnorm_decoder)):
-        stack = getattr(module, stack_name, None)
-        if stack is not None and freeze:
-            frozen += [n for n in stack.norms if isinstance(n, nn.BatchNorm1d)]
-    module.frozen_norms = frozen
+    encoders, decoders = _stacks(module)
+    for stacks, freeze in ((encoders, opts.freeze_batchnorm_encoder), (decoders, opts.freeze_batchnorm_decoder)):
+        if freeze:
+            frozen += [n for stack in stacks for n in stack.norms if isinstance(n, nn.BatchNorm1d)]
+    module.frozen_norms = frozen + _extra_frozen_norms(module, opts)
 
 
 __all__ = ["SurgeryOptions", "add_category_blocks", "apply_freezing", "load_query_data",

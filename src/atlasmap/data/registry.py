@@ -101,7 +101,7 @@ def build_registry(
     """
     check_anndata(adata)
     check_unique_names(adata.var_names, "gene (var) names", fix="adata.var_names_make_unique()")
-    get_counts(adata, layer)  # validates; the result is discarded here and rebuilt by the loader
+    check_counts(adata, layer)  # validates (chunk by chunk when backed); the loader rebuilds the counts
     cat_keys = [batch_key] if batch_key is not None else []
     for key in categorical_covariate_keys or []:
         if key in cat_keys:
@@ -165,7 +165,8 @@ def obs_column(adata: Any, key: str, *, kind: str) -> pd.Series:
         example = col.index[col.isna()][0]
         raise InputError(
             f"adata.obs[{key!r}] has {n} missing (NaN) values (e.g. cell {example!r}); "
-            "fill them with a category such as 'unknown' or drop those cells."
+            + ("fill them with numbers or drop those cells." if kind.startswith("continuous") else
+               "fill them with a category such as 'unknown' or drop those cells.")
         )
     return col
 
@@ -193,6 +194,28 @@ def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
 
     The caller's matrix is never modified (the result is a copy or a new conversion).
     """
+    matrix, where = counts_matrix(adata, layer)
+    if hasattr(matrix, "to_memory"):  # backed sparse dataset
+        matrix = matrix.to_memory()
+    return validate_counts(matrix, where=where, obs_names=adata.obs_names, var_names=adata.var_names, layer=layer)
+
+
+def check_counts(adata: Any, layer: str | None) -> None:
+    """Validate the counts of ``adata`` without keeping them.
+
+    An AnnData opened in backed mode is checked chunk by chunk from disk (memory bounded by the chunk
+    size, see :mod:`atlasmap.data.backed`); an in-memory one as in :func:`get_counts`.
+    """
+    if getattr(adata, "isbacked", False):
+        from atlasmap.data.backed import scan_backed_counts
+
+        scan_backed_counts(adata, layer)
+    else:
+        get_counts(adata, layer)
+
+
+def counts_matrix(adata: Any, layer: str | None) -> tuple[Any, str]:
+    """The counts matrix of ``adata`` (``.X`` or ``layers[layer]``) and how to name it in messages."""
     if layer is None:
         matrix, where = adata.X, "adata.X"
     else:
@@ -202,10 +225,27 @@ def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
         matrix, where = adata.layers[layer], f"adata.layers[{layer!r}]"
     if matrix is None:
         raise InputError(f"{where} is empty (None); put the raw counts there or pass layer=.")
-    if hasattr(matrix, "to_memory"):  # backed sparse dataset
-        matrix = matrix.to_memory()
+    return matrix, where
+
+
+def validate_counts(
+    matrix: Any, *, where: str, obs_names: pd.Index, var_names: pd.Index, layer: str | None
+) -> sp.csr_matrix:
+    """Check that ``matrix`` holds raw counts and return them as a new float32 CSR matrix.
+
+    Used for a whole AnnData and, by the streaming loader, for each chunk of rows of an on-disk one
+    (``obs_names`` are then the chunk's cells, so messages name the offending cell).
+
+    Raises
+    ------
+    InputError
+        On non-numeric, NaN/infinite, negative or non-integer values, or counts above 2^24.
+    """
     if sp.issparse(matrix):
-        csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+        if matrix.dtype.kind not in "biuf":  # a float32 cast would silently drop imaginary parts
+            raise InputError(f"{where} has dtype {matrix.dtype}; atlasmap needs numeric raw counts.")
+        # validate the stored values; casting to float32 first would hide e.g. 0.9999999999 (-> 1.0)
+        csr = sp.csr_matrix(matrix, copy=True)
         values = csr.data
     else:
         arr = np.asarray(matrix)
@@ -213,17 +253,18 @@ def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
             raise InputError(f"{where} has dtype {arr.dtype}; atlasmap needs numeric raw counts.")
         values = arr
         csr = None
+    names = (obs_names, var_names)
     if values.dtype.kind == "f":
         bad = ~np.isfinite(values)
         if bad.any():
             raise InputError(
-                f"{where} holds {int(bad.sum())} NaN or infinite values{_where_first(adata, matrix, bad, csr)}; "
+                f"{where} holds {int(bad.sum())} NaN or infinite values{_where_first(names, matrix, bad, csr)}; "
                 "atlasmap models raw counts: remove or fix those entries."
             )
     neg = values < 0
     if neg.any():
         raise InputError(
-            f"{where} holds {int(neg.sum())} negative values{_where_first(adata, matrix, neg, csr)}; "
+            f"{where} holds {int(neg.sum())} negative values{_where_first(names, matrix, neg, csr)}; "
             "atlasmap models raw counts (non-negative integers)."
             + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
         )
@@ -231,23 +272,34 @@ def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
         frac = values != np.round(values)
         if frac.any():
             raise InputError(
-                f"{where} holds non-integer values{_where_first(adata, matrix, frac, csr, show_value=True)}; "
+                f"{where} holds non-integer values{_where_first(names, matrix, frac, csr, show_value=True)}; "
                 "atlasmap models raw counts, not normalised or log-transformed data."
                 + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
             )
-    if csr is None:
-        csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
-    if csr.data.size and csr.data.max() > 2**24:
+    if values.size and float(values.max()) > 2**24:
         raise InputError(
-            f"{where} holds counts above 2^24 ({csr.data.max():.0f}); float32 cannot represent them exactly. "
+            f"{where} holds counts above 2^24 ({float(values.max()):.0f}); float32 cannot represent them exactly. "
             "These are not UMI counts of one cell."
         )
+    csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32)) if csr is None else csr.astype(np.float32, copy=False)
     csr.sum_duplicates()
     csr.sort_indices()
     return csr
 
 
-def _where_first(adata: Any, matrix: Any, mask: np.ndarray, csr: sp.csr_matrix | None, show_value: bool = False) -> str:
+def check_library_sizes(totals: np.ndarray, obs_names: pd.Index) -> None:
+    """Refuse cells whose counts in the model's genes sum to zero (their log library size is undefined)."""
+    empty = totals <= 0
+    if empty.any():
+        example = obs_names[int(np.flatnonzero(empty)[0])]
+        raise InputError(
+            f"{int(empty.sum())} cells have no counts in the model's genes (e.g. {example!r}); their library "
+            "size is zero. Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+        )
+
+
+def _where_first(names: tuple[pd.Index, pd.Index], matrix: Any, mask: np.ndarray, csr: sp.csr_matrix | None,
+                 show_value: bool = False) -> str:
     """' (e.g. 0.69 at cell 'c', gene 'g')' for the first offending entry."""
     if csr is not None:
         pos = int(np.flatnonzero(mask)[0])
@@ -258,4 +310,5 @@ def _where_first(adata: Any, matrix: Any, mask: np.ndarray, csr: sp.csr_matrix |
         row, col = (int(i) for i in np.argwhere(mask)[0])
         value = np.asarray(matrix)[row, col]
     shown = f"{value:.4g} " if show_value else ""
-    return f" (e.g. {shown}at cell {adata.obs_names[row]!r}, gene {adata.var_names[col]!r})"
+    obs_names, var_names = names
+    return f" (e.g. {shown}at cell {obs_names[row]!r}, gene {var_names[col]!r})"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atlasmap.datasets.simulate import simulate_counts, simulation_programs
+from atlasmap.datasets.simulate import simulate_counts, simulation_programs, write_simulated_h5ad
 
 DATA_DIR = Path(__file__).parent
 KANG_FILE = DATA_DIR / "kang2018_demo.h5ad"
 
-__all__ = ["kang2018", "simulate_counts", "simulation_programs"]
+__all__ = ["kang2018", "simulate_counts", "simulation_programs", "write_simulated_h5ad"]
 
 
 def kang2018() -> Any:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from atlasmap.data.backed import is_backed, prepare_backed_cells
 from atlasmap.data.loader import CellData, minibatches, prepare_cells
 from atlasmap.data.registry import Registry
 from atlasmap.errors import InputError, NotTrainedError
@@ -85,6 +86,10 @@ class BaseModel:
     def _init_new_batches(self, cells: CellData, added: dict[str, tuple[str, ...]]) -> None:
         """After surgery: initialise per-batch state of the new batches from the query (override)."""
 
+    def _default_max_epochs(self, n_cells: int) -> int:
+        """Epochs of ``train()`` without ``max_epochs`` (override, e.g. short fine-tuning after pre-training)."""
+        return default_max_epochs(n_cells)
+
     # ------------------------------------------------------------------ data
     def _cells(self, adata: Any = None, *, training: bool = False) -> CellData:
         """Validated, aligned tensors of ``adata`` (default: the model's own AnnData, cached)."""
@@ -94,7 +99,9 @@ class BaseModel:
             raise InputError("this model was loaded without data; pass adata= (an AnnData with the model's genes).")
         if own and self._cells_cache is not None and self._cells_cache[0] == id(adata):
             return self._cells_cache[1]
-        cells = prepare_cells(adata, self.registry, key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
+        # an AnnData opened backed (read_backed / read_h5ad(backed="r")) is streamed from disk in chunks
+        prepare = prepare_backed_cells if is_backed(adata) else prepare_cells
+        cells = prepare(adata, self.registry, key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
         cells = self._add_fields(cells, adata, training=training)
         if own:
             self._cells_cache = (id(adata), cells)
@@ -145,8 +152,10 @@ class BaseModel:
         The model itself, with :attr:`history` extended.
         """
         cells = self._cells(training=True)
+        if max_epochs is None:  # not `max_epochs or ...`: max_epochs=0 must be refused, not replaced
+            max_epochs = self._default_max_epochs(cells.n_cells)
         config = TrainConfig(
-            max_epochs=max_epochs or default_max_epochs(cells.n_cells), batch_size=batch_size, lr=lr,
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience, seed=seed,
             device=device, progress_bar=progress_bar,
@@ -212,6 +221,18 @@ class BaseModel:
         from atlasmap.surgery import load_query_data
 
         return load_query_data(adata, reference, expected=cls, **kwargs)
+
+    @classmethod
+    def from_scvi_tools(cls, dir_path: str | Path, adata: Any = None, *, prefix: str | None = None) -> BaseModel:
+        """Import a reference saved by scvi-tools (``model.pt``) without executing code from the file.
+
+        The result gives scvi-tools' latent (to float rounding) and maps queries with
+        ``load_query_data``; architectures atlasmap cannot represent are refused with
+        :class:`~atlasmap.errors.ModelFileError`. See :mod:`atlasmap.interop`.
+        """
+        from atlasmap.interop import from_scvi_tools
+
+        return from_scvi_tools(dir_path, adata, prefix=prefix, expected=cls)
 
     def __repr__(self) -> str:
         cfg = self.module.config

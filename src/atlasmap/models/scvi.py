@@ -108,13 +108,14 @@ class SCVI(BaseModel):
             adata, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys, layer=layer,
         )
-        config = SCVIConfig(
+        config = self._config_cls(
             n_genes=registry.n_vars, n_categories=tuple(registry.n_categories),
             n_continuous=len(registry.continuous_keys), n_hidden=int(n_hidden), n_latent=int(n_latent),
             n_layers=int(n_layers), dropout_rate=float(dropout_rate), gene_likelihood=gene_likelihood,
             dispersion=dispersion, encode_covariates=encode_covariates,
             deeply_inject_covariates=deeply_inject_covariates, use_layer_norm=use_layer_norm,
             use_batch_norm=use_batch_norm, use_observed_lib_size=use_observed_lib_size,
+            **self._config_extras(),
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -125,6 +126,10 @@ class SCVI(BaseModel):
             means, variances = library_log_priors(cells, registry.n_batch, range(registry.n_batch))
             module.library_log_means.copy_(means)
             module.library_log_vars.copy_(variances)
+
+    def _config_extras(self) -> dict[str, Any]:
+        """Extra module hyper-parameters of subclasses (fields of their ``_config_cls``)."""
+        return {}
 
     def _init_new_batches(self, cells: CellData, added: dict[str, tuple[str, ...]]) -> None:
         n_new = len(added[self.registry.batch_key])

@@ -9,15 +9,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atlasmap.nn.layers import CovariateTable, FCStack
-from atlasmap.nn.likelihoods import log_nb, log_poisson, log_zinb
+from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll
 
 NormWhere = Literal["none", "encoder", "decoder", "both"]
 _VAR_EPS = 1e-4
+#: Optional per-cell batch fields: see :meth:`SCVIModule.frozen_fields` and :func:`atlasmap.data.loader.prepare_cells`.
+ENCODER_FIRST = "encoder_first"
+LGAMMA_THETA = "lgamma_theta"
+LOG_X_FACT = "log_x_fact"
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,9 @@ class SCVIModule(nn.Module):
     # ------------------------------------------------------------------ model
     def inference(self, batch: dict[str, torch.Tensor], *, sample: bool = True) -> dict[str, torch.Tensor]:
         x, cat, cont = batch["x"], batch["cat"], batch["cont"]
-        x_log = torch.log1p(x)
-        h = self.encoder(x_log, cat, cont)
+        first = batch.get(ENCODER_FIRST)  # W_x log1p(x) + b, precomputed while that layer is frozen
+        x_log = torch.log1p(x) if first is None or not self.config.use_observed_lib_size else None
+        h = self.encoder(x_log, cat, cont, first_precomputed=first)
         qz_m = self.z_mean(h)
         qz_v = torch.exp(self.z_var(h)) + _VAR_EPS
         z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
@@ -187,20 +193,47 @@ class SCVIModule(nn.Module):
             out["px_dropout"] = self.px_dropout(h)
         return out
 
-    def reconstruction_loss(self, x: torch.Tensor, px: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reconstruction_loss(self, x: torch.Tensor, px: dict[str, torch.Tensor],
+                            batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-cell negative log-likelihood of the counts. ``batch`` may carry per-cell constants computed
+        once (``log_x_fact``; ``lgamma_theta`` while the dispersion is frozen), which skip their per-step work."""
         lik = self.config.gene_likelihood
-        if lik == "zinb":
-            logp = log_zinb(x, px["px_rate"], px["theta"], px["px_dropout"])
-        elif lik == "nb":
-            logp = log_nb(x, px["px_rate"], px["theta"])
-        else:
-            logp = log_poisson(x, px["px_rate"])
-        return -logp.sum(-1)
+        batch = batch or {}
+        log_x_fact = batch.get(LOG_X_FACT)
+        if lik == "poisson":
+            return -log_poisson(x, px["px_rate"]).sum(-1)
+        return nb_nll(x, px["px_rate"], px["theta"], px.get("px_dropout") if lik == "zinb" else None,
+                      log_x_fact=log_x_fact, lgamma_theta_term=batch.get(LGAMMA_THETA))
+
+    @torch.no_grad()
+    def frozen_fields(self, cells: Any, batch_size: int = 4096) -> dict[str, torch.Tensor]:
+        """Per-cell tensors that stay constant while training this module as it is frozen now: the
+        encoder's first-layer expression term ``W_x log1p(x) + b`` (the largest matmul of a step: one
+        ``H``-vector per cell instead of ``G`` genes) and, with a frozen per-gene dispersion, the NB term
+        ``sum_g lgamma(x + theta) - lgamma(theta)``. Used by :func:`atlasmap.train.train_module` for query
+        training after surgery; empty when everything trains (reference training).
+        """
+        first = self.encoder.layers[0].linear
+        want_first = not any(p.requires_grad for p in first.parameters())
+        want_lgamma = (self.config.gene_likelihood != "poisson" and self.config.dispersion == "gene"
+                       and not self.px_r.requires_grad)
+        if not (want_first or want_lgamma):
+            return {}
+        device = next(self.parameters()).device
+        out: dict[str, list[torch.Tensor]] = {ENCODER_FIRST: [], LGAMMA_THETA: []}
+        theta = torch.exp(self.px_r) if want_lgamma else None
+        for lo in range(0, cells.n_cells, batch_size):
+            x = cells.batch(np.arange(lo, min(lo + batch_size, cells.n_cells)), device)["x"]
+            if want_first:
+                out[ENCODER_FIRST].append(first(torch.log1p(x)))
+            if want_lgamma:
+                out[LGAMMA_THETA].append(lgamma_theta_sum(x, theta))
+        return {k: torch.cat(v).cpu() for k, v in out.items() if v}
 
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
         inf = self.inference(batch)
         px = self.generative(inf["z"], inf["library"], batch["cat"], batch["cont"])
-        reconst = self.reconstruction_loss(batch["x"], px)
+        reconst = self.reconstruction_loss(batch["x"], px, batch)
         kl_z = kl_normal_standard(inf["qz_m"], inf["qz_v"])
         kl_l = torch.zeros_like(kl_z)
         if not self.config.use_observed_lib_size:

@@ -3,6 +3,8 @@ inverse dispersion ``theta``, zero-inflation logits ``pi_logits``). Each returns
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +44,141 @@ def log_zinb(
 def log_poisson(x: torch.Tensor, mu: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Poisson log-probability."""
     return x * torch.log(mu + eps) - mu - torch.lgamma(x + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused negative log-likelihoods for training: the same values as ``-log_zinb(...).sum(-1)`` /
+# ``-log_nb(...).sum(-1)`` but with hand-written gradients computed in the forward pass. Autograd through
+# the functions above records ~45 elementwise cells x genes kernels per step (where, two softplus, three
+# lgamma, their backward with digamma); here it is ~25 cheap in-place passes, one lgamma and one digamma,
+# and no ``lgamma(x + 1)`` at all when the per-cell constant is given. Profiles: docs in benchmarks/.
+# ----------------------------------------------------------------------------------------------------------
+
+_EPS = 1e-8
+
+
+def log_factorial_sum(x: torch.Tensor) -> torch.Tensor:
+    """``sum_g lgamma(x_g + 1)`` of each cell: the part of the count likelihood that only depends on data."""
+    return torch.lgamma(x + 1).sum(-1)
+
+
+def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None,
+              need: tuple[bool, bool, bool] = (False, False, False),
+              lgamma_theta_term: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Per-element log-likelihood without ``-lgamma(x + 1)`` (cells x genes), and the derivatives with
+    respect to ``mu``, ``theta`` and ``pi_logits`` that ``need`` asks for (``None`` for the others).
+
+    ``lgamma_theta_term``, when given, is the already summed per-cell ``sum_g lgamma(x + theta) - lgamma(theta)``
+    (constant when ``theta`` is frozen); it is then left out of the returned elementwise terms.
+    """
+    need_mu, need_theta, need_pi = need
+    tme = mu + theta
+    tme.add_(_EPS)  # theta + mu + eps
+    a = torch.log(tme)
+    la = torch.log(theta + _EPS) - a  # log(theta + eps) - log(theta + mu + eps)
+    u = la * theta  # theta * (log theta - log(theta + mu)): log P(x = 0) under the NB
+    f = torch.log(mu + _EPS).sub_(a).mul_(x)  # x * (log mu - log(theta + mu))
+    y = None
+    if lgamma_theta_term is None:
+        y = x + theta
+        f.add_(torch.lgamma(y)).sub_(torch.lgamma(theta))
+    d = None
+    if pi_logits is None:
+        f.add_(u)
+    else:
+        zero = (x < _EPS).to(x.dtype)
+        ptl = u.sub_(pi_logits)  # u - pi (u is not used after this)
+        # x == 0: softplus(ptl) - softplus(-pi); x > 0: ptl - softplus(-pi) + (terms in f)
+        f.add_(F.softplus(ptl).sub_(ptl).mul_(zero).add_(ptl)).sub_(F.softplus(-pi_logits))
+        if need_mu or need_theta or need_pi:
+            d = torch.sigmoid(ptl).sub_(1).mul_(zero).add_(1)  # d f / d ptl
+    grads: list[torch.Tensor | None] = [None, None, None]
+    if not (need_mu or need_theta):
+        if need_pi:
+            grads[2] = torch.sigmoid(-pi_logits).sub_(d)
+        return f, grads
+    r = torch.reciprocal(tme)  # 1 / (theta + mu + eps)
+    theta_r = r * theta
+    if d is not None:
+        theta_r.mul_(d)  # D theta r
+    if need_theta:
+        # d f / d theta = D (la + theta / (theta + eps)) - D theta r - x r + digamma(x + theta) - digamma(theta)
+        g_theta = la.add_(theta / (theta + _EPS))
+        if d is not None:
+            g_theta.mul_(d)
+        y = x + theta if y is None else y
+        g_theta.sub_(theta_r).sub_(r * x).add_(torch.digamma(y)).sub_(torch.digamma(theta))
+        grads[1] = g_theta
+    if need_mu:
+        # d f / d mu = x (1 / (mu + eps) - 1 / (theta + mu + eps)) - D theta r
+        grads[0] = torch.reciprocal(mu + _EPS).sub_(r).mul_(x).sub_(theta_r)
+    if need_pi:
+        grads[2] = torch.sigmoid(-pi_logits).sub_(d)
+    return f, grads
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.dim() - len(shape)
+    if extra:
+        grad = grad.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class _FusedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,  # type: ignore[override]
+                pi_logits: torch.Tensor | None, const: torch.Tensor,
+                lgamma_theta_term: torch.Tensor | None) -> torch.Tensor:
+        need = tuple(bool(n) for n in ctx.needs_input_grad[1:4])
+        f, grads = _nb_terms(x, mu, theta, pi_logits, need, lgamma_theta_term)
+        ctx.theta_shape = theta.shape
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        out = const - f.sum(-1)
+        return out if lgamma_theta_term is None else out - lgamma_theta_term
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g_mu, g_theta, g_pi = ctx.saved_tensors
+        scale = -grad_out.unsqueeze(-1)  # nll = -sum f
+        grad_mu = g_mu * scale if ctx.needs_input_grad[1] else None
+        grad_theta = None
+        if ctx.needs_input_grad[2]:
+            if len(ctx.theta_shape) == 1 and g_theta.dim() == 2:
+                grad_theta = (-grad_out) @ g_theta  # one GEMV instead of a broadcast multiply and a sum
+            else:
+                grad_theta = _reduce_to(g_theta * scale, ctx.theta_shape)
+        grad_pi = g_pi * scale if ctx.needs_input_grad[3] else None
+        return None, grad_mu, grad_theta, grad_pi, None, None
+
+
+def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None = None,
+           log_x_fact: torch.Tensor | None = None, lgamma_theta_term: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-cell negative log-likelihood ``-sum_g log p(x_g)`` of the (zero-inflated, when ``pi_logits`` is
+    given) negative binomial; equals ``-log_zinb(x, mu, theta, pi_logits).sum(-1)`` (or ``log_nb``) up to
+    float rounding, with a fused hand-written backward that computes only the gradients autograd needs
+    (no digamma when ``theta`` is frozen, e.g. in query training).
+
+    ``log_x_fact`` is :func:`log_factorial_sum` of ``x`` if already known (it depends on data only);
+    ``lgamma_theta_term`` is :func:`lgamma_theta_sum` if already known (constant when ``theta`` is frozen).
+    """
+    if log_x_fact is None:
+        log_x_fact = log_factorial_sum(x)
+    if lgamma_theta_term is not None and theta.requires_grad and torch.is_grad_enabled():
+        raise ValueError("lgamma_theta_term can only be given when theta needs no gradient")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (mu, theta, pi_logits))
+    if not needs_grad:
+        f, _ = _nb_terms(x, mu, theta, pi_logits, lgamma_theta_term=lgamma_theta_term)
+        out = log_x_fact - f.sum(-1)
+        return out if lgamma_theta_term is None else out - lgamma_theta_term
+    return _FusedNLL.apply(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term)
+
+
+def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``sum_g lgamma(x_g + theta_g) - lgamma(theta_g)`` of each cell (the NB term that needs no ``mu``)."""
+    return (torch.lgamma(x + theta) - torch.lgamma(theta)).sum(-1)

@@ -1,0 +1,421 @@
+"""Data-parallel training on many processes / GPUs / nodes with ``torch.distributed`` (DDP).
+
+Launch any ``atlasmap`` command under ``torchrun`` through this module; every process runs the same
+command, training is data-parallel, and only rank 0 writes outputs::
+
+    # one machine, 4 GPUs (NCCL) — or 4 CPU processes (gloo) when there is no GPU
+    torchrun --standalone --nproc-per-node 4 -m atlasmap.distributed reference REF.h5ad --batch-key batch -o ref_model
+    # two machines x 8 GPUs: run on each node, with node-rank 0 on the first
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank 0 --master-addr HOST0 --master-port 29500 \\
+        -m atlasmap.distributed reference REF.h5ad --batch-key batch -o ref_model --backed
+    # query surgery in DDP too
+    torchrun --standalone --nproc-per-node 4 -m atlasmap.distributed map QUERY.h5ad --reference ref_model -o out.h5ad
+
+How it works
+------------
+* Each process is one rank. The backend is NCCL when the rank has a GPU, gloo otherwise.
+* Only the trainable tensors get gradients, so DDP synchronises exactly those (after surgery: the new
+  category blocks); frozen reference weights are neither reduced nor updated. Rank 0's weights are
+  broadcast at the start, so every rank starts from the same model.
+* **In-memory data** (the default): every rank loads the AnnData; each *global* minibatch of
+  ``batch_size`` cells (the same cells, in the same order, as a single-process run with the same seed) is
+  split across ranks — rank ``r`` computes rows ``r::world_size`` — and the loss is weighted so the
+  all-reduced gradient equals the single-process gradient of that minibatch.
+* **Backed data** (``--backed``): each rank streams only its shard of chunks of the file (chunk order
+  reshuffled every epoch with the shared seed); ``batch_size`` is the global batch, ``batch_size //
+  world_size`` cells per rank. Ranks that run out of chunks first join the others
+  (``torch.distributed.algorithms.Join``).
+* Training / validation loss totals are all-reduced, so the history, early stopping and divergence
+  checks are identical on every rank. Ranks check at the start that they read the same data version
+  and arguments.
+
+In Python: ``with atlasmap.distributed.distributed(): model.train(...)`` inside a script started by
+``torchrun``; ``model.train`` then runs data-parallel, and :func:`is_main_process` tells who should save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlasmap.errors import AtlasmapError, InputError
+
+__all__ = ["DistributedContext", "current_context", "distributed", "init_distributed", "is_main_process", "main",
+           "shutdown_distributed", "train_module_distributed"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a distributed run.
+
+    Attributes
+    ----------
+    rank, world_size, local_rank
+        Global rank, number of ranks, rank on this node (``torchrun``'s ``RANK``, ``WORLD_SIZE``,
+        ``LOCAL_RANK``).
+    backend
+        ``"nccl"`` or ``"gloo"``.
+    device
+        The device this rank trains on (``cuda:LOCAL_RANK`` or ``cpu``).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CONTEXT: DistributedContext | None = None
+
+
+def current_context() -> DistributedContext | None:
+    """The active :class:`DistributedContext`, or ``None`` outside a distributed run."""
+    return _CONTEXT
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a distributed run and in any ordinary (single-process) run."""
+    return _CONTEXT is None or _CONTEXT.is_main
+
+
+def init_distributed(*, backend: str = "auto", device: str = "auto", timeout_minutes: float = 30.0
+                     ) -> DistributedContext:
+    """Join the process group described by ``torchrun``'s environment variables.
+
+    Parameters
+    ----------
+    backend
+        ``"auto"`` (NCCL on GPU ranks, gloo on CPU), ``"nccl"`` or ``"gloo"``.
+    device
+        ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"`` or ``"cuda"``.
+    timeout_minutes
+        How long a collective may wait for a slow or dead rank before failing.
+
+    Raises
+    ------
+    InputError
+        Not started by ``torchrun`` (no ``RANK``/``WORLD_SIZE``), or a GPU backend without GPUs.
+    """
+    global _CONTEXT
+    import torch.distributed as dist
+
+    if _CONTEXT is not None:
+        return _CONTEXT
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise InputError(
+            f"not started by torchrun (environment variable(s) {', '.join(missing)} unset); launch with e.g. "
+            "torchrun --standalone --nproc-per-node 2 -m atlasmap.distributed reference REF.h5ad ..."
+        )
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device not in ("cpu",) and backend != "gloo"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available; use --device cpu (gloo).")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise InputError("the nccl backend needs GPUs; use the gloo backend (--device cpu) on CPU.")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+    _CONTEXT = DistributedContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=dev)
+    return _CONTEXT
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then leave the process group."""
+    global _CONTEXT
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+    _CONTEXT = None
+
+
+@contextlib.contextmanager
+def distributed(*, backend: str = "auto", device: str = "auto") -> Iterator[DistributedContext]:
+    """``with distributed() as ctx:`` — training inside runs data-parallel; the group is left at exit."""
+    ctx = init_distributed(backend=backend, device=device)
+    try:
+        yield ctx
+    finally:
+        shutdown_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# The data-parallel training loop
+# ----------------------------------------------------------------------------------------------
+
+
+class _LossModule(nn.Module):
+    """What DDP wraps: forward = the module's loss, scaled for this rank's share of the global batch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict[str, torch.Tensor], kl_weight: float, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = self.module.loss(batch, kl_weight)
+        n = terms.reconstruction.shape[0]
+        sums = torch.stack([terms.loss.detach() * n, terms.reconstruction.detach().sum(),
+                            terms.kl.detach().sum(), torch.tensor(float(n), device=terms.loss.device)])
+        return terms.loss * scale, sums.double()
+
+
+def _local_batches(cells: Any, rows: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   device: torch.device, ctx: DistributedContext) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """This rank's minibatches of one epoch with the weight that makes the reduced gradient exact."""
+    from atlasmap.data.loader import minibatches
+
+    world = ctx.world_size
+    if hasattr(cells, "iter_batches"):  # streaming: a shard of chunks per rank
+        for batch in cells.iter_batches(rows, max(2, batch_size // world), shuffle=True, rng=rng, device=device,
+                                        rank=ctx.rank, world_size=world):
+            yield batch, 1.0
+        return
+    for part in minibatches(rows.size, batch_size, shuffle=True, generator=rng):
+        mine = part[ctx.rank::world]
+        if mine.size:
+            # DDP averages gradients over ranks; weight n_local * world / n_global gives the global mean
+            yield cells.batch(rows[mine], device), mine.size * world / part.size
+
+
+def _has_unused_parameters(wrapper: _LossModule, cells: Any, rows: np.ndarray, device: torch.device,
+                           ctx: DistributedContext) -> bool:
+    """Whether a training step leaves some trainable tensor without a gradient (e.g. a classifier that
+    sees no labelled cell). DDP must then search the graph every step (``find_unused_parameters``); the
+    answer is agreed by all ranks. The probe step runs outside DDP and changes no weight or RNG state."""
+    import torch.distributed as dist
+
+    module = wrapper.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    was_training = module.training
+    buffers = [b.clone() for b in module.buffers()]  # batch-norm statistics must not see the probe
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        module.train()
+        probe = rows[: min(rows.size, 64)]
+        loss, _ = wrapper(cells.batch(probe, device), 1.0, 1.0)
+        loss.backward()
+    unused = any(p.grad is None for p in params)
+    for p, g in zip(params, saved, strict=True):
+        p.grad = g
+    with torch.no_grad():
+        for b, kept in zip(module.buffers(), buffers, strict=True):
+            b.copy_(kept)
+    module.train(was_training)
+    flag = torch.tensor([float(unused)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
+    import torch.distributed as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def data_fingerprint(cells: Any) -> str:
+    """A digest of the cells (layout, per-cell totals and covariates) that differs between data versions."""
+    if hasattr(cells, "fingerprint"):
+        return str(cells.fingerprint())
+    counts = cells.counts
+    if isinstance(counts, torch.Tensor):
+        totals = counts.sum(1, dtype=torch.float64).numpy()
+    else:
+        totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
+    h = hashlib.sha1(np.asarray(counts.shape, dtype=np.int64).tobytes())
+    h.update(totals.tobytes())
+    for name in sorted(cells.fields):
+        h.update(name.encode())
+        h.update(cells.fields[name].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_run(cells: Any, module: nn.Module, config: Any, ctx: DistributedContext) -> None:
+    """Fail on every rank, with a clear message, when ranks hold different data, models or settings."""
+    import torch.distributed as dist
+
+    shapes = hashlib.sha1(repr([(n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters()])
+                          .encode()).hexdigest()[:16]
+    mine = {"data": data_fingerprint(cells), "n_cells": int(cells.n_cells), "model": shapes,
+            "settings": repr((config.batch_size, config.seed, config.train_size, config.max_epochs, config.lr))}
+    everyone: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    for key, what, fix in (
+        ("data", "data", "every rank must read the same file version (same path contents on every node)"),
+        ("model", "model architecture / trainable set", "every rank must load the same reference and options"),
+        ("settings", "training settings", "start every rank with the same command line"),
+    ):
+        values = [e[key] for e in everyone]
+        if len(set(values)) > 1:
+            groups = defaultdict(list)
+            for r, v in enumerate(values):
+                groups[v].append(r)
+            detail = "; ".join(f"ranks {g} -> {v}" for v, g in groups.items())
+            raise AtlasmapError(f"distributed ranks disagree on the {what} ({detail}); {fix}.")
+
+
+def train_module_distributed(module: nn.Module, cells: Any, config: Any, history: dict[str, list] | None = None,
+                             ctx: DistributedContext | None = None) -> dict[str, list]:
+    """:func:`atlasmap.train.train_module`, data-parallel over the ranks of ``ctx`` (default: the active one).
+
+    Same settings, history records and semantics; ``config.batch_size`` is the global minibatch. Returns
+    the same history on every rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel
+
+    from atlasmap import train as train_mod
+    from atlasmap.train import kl_weight_at, split_cells, trainable_parameters
+
+    ctx = ctx or _CONTEXT
+    if ctx is None or not dist.is_initialized():
+        raise AtlasmapError("no distributed run is active; call atlasmap.distributed.init_distributed() first.")
+    device = ctx.device
+    module.to(device)
+    params = trainable_parameters(module)
+    if not params:
+        raise AtlasmapError("the model has no trainable parameters; nothing to train.")
+    check_same_run(cells, module, config, ctx)
+    make_optimizer = getattr(train_mod, "make_optimizer", None)
+    optimizer = (make_optimizer(params, config, device) if make_optimizer is not None else
+                 torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay))
+    with_frozen_fields = getattr(train_mod, "with_frozen_fields", None)
+    if with_frozen_fields is not None:  # per-cell terms of frozen layers, computed once (query training)
+        cells = with_frozen_fields(module, cells)
+    train_idx, val_idx = split_cells(cells.n_cells, config.train_size, config.seed)
+    wrapper = _LossModule(module)
+    ddp = DistributedDataParallel(
+        wrapper, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=_has_unused_parameters(wrapper, cells, train_idx, device, ctx),
+    )
+    rng = np.random.default_rng(config.seed + 1)  # identical on every rank: same global batches
+    history = defaultdict(list, history or {})
+    start_epoch = len(history.get("epoch", []))
+    best, since_best = math.inf, 0
+    show = config.progress_bar and ctx.is_main
+
+    from tqdm.auto import tqdm
+
+    from atlasmap.data.backed import epoch_batches
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed + ctx.rank)  # rank-specific sampling noise and dropout
+        bar = tqdm(range(config.max_epochs), desc=f"Training ({ctx.world_size} ranks)", unit="epoch",
+                   disable=not show, leave=False, dynamic_ncols=True)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            kl_weight = kl_weight_at(epoch, config.n_epochs_kl_warmup)
+            ddp.train()
+            totals = torch.zeros(4, dtype=torch.float64, device=device)
+            with Join([ddp]):
+                for batch, scale in _local_batches(cells, train_idx, config.batch_size, rng, device, ctx):
+                    loss, sums = ddp(batch, kl_weight, scale)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    totals += sums
+            totals = _all_reduce(totals.cpu().numpy(), device)
+            if not np.isfinite(totals).all():
+                raise AtlasmapError(
+                    f"training diverged at epoch {start_epoch + epoch} (loss is NaN or infinite); "
+                    "lower lr (e.g. lr=1e-4) or check the counts for extreme values."
+                )
+            record = {"epoch": start_epoch + epoch, "kl_weight": kl_weight}
+            record.update(_record(totals, "train"))
+            if val_idx.size:
+                module.eval()
+                val = np.zeros(4)
+                with torch.no_grad():
+                    for batch in epoch_batches(cells, val_idx, 1024, rng=None, device=device, shuffle=False,
+                                               rank=ctx.rank, world_size=ctx.world_size):
+                        val += wrapper(batch, kl_weight, 1.0)[1].cpu().numpy()
+                record.update(_record(_all_reduce(val, device), "validation"))
+            record["epoch_seconds"] = time.perf_counter() - t0
+            for key, value in record.items():
+                history[key].append(value)
+            monitored = record.get("elbo_validation", record["elbo_train"])
+            bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
+                            elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
+            if monitored < best - config.early_stopping_min_delta:
+                best, since_best = monitored, 0
+            else:
+                since_best += 1
+            if config.early_stopping and since_best >= config.early_stopping_patience:
+                break
+        bar.close()
+    module.eval()
+    return dict(history)
+
+
+def _record(totals: np.ndarray, split: str) -> dict[str, float]:
+    loss, rec, kl, n = (float(v) for v in totals)
+    n = max(n, 1.0)
+    return {f"{split}_loss": loss / n, f"elbo_{split}": (rec + kl) / n, f"reconstruction_loss_{split}": rec / n,
+            f"kl_local_{split}": kl / n}
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m atlasmap.distributed COMMAND ...``: any ``atlasmap`` command, data-parallel.
+
+    Every rank runs the command; ranks other than 0 print nothing and write nothing.
+    """
+    from atlasmap import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = cli.build_parser().parse_args(argv)  # --help / usage errors before joining the group
+    try:
+        ctx = init_distributed(device=getattr(args, "device", "auto") or "auto")
+    except AtlasmapError as err:
+        print(f"atlasmap: error: {err}", file=sys.stderr)
+        return cli.EXIT_USER_ERROR
+    try:
+        if ctx.is_main:
+            print(f"atlasmap: distributed run on {ctx.world_size} ranks ({ctx.backend}, {ctx.device.type})",
+                  file=sys.stderr)
+            return cli.main(argv)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return cli.main([*argv, "--quiet"] if "--quiet" not in argv and hasattr(args, "quiet") else argv)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
