@@ -23,6 +23,7 @@ import atlasmap
 from atlasmap.cli import main as cli_main
 from atlasmap.errors import ModelFileError
 from atlasmap.interop import _Inert, from_scvi_tools, read_scvi_tools_checkpoint, split_injected_weight
+from atlasmap.models.base import BaseModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "scvi_tools_1.4.2_small"
@@ -324,6 +325,19 @@ def test_directory_problems_are_named(tmp_path: Path) -> None:
     assert isinstance(from_scvi_tools(prefixed, prefix="ref_"), atlasmap.SCVI)
     # the model.pt file itself is accepted too
     assert isinstance(from_scvi_tools(FIXTURE / "default" / "model.pt"), atlasmap.SCVI)
+
+
+def test_other_atlasmap_classes_refuse_an_scvi_model() -> None:
+    for name in ("SCANVI", "TOTALVI"):
+        cls = getattr(atlasmap, name)
+        with pytest.raises(ModelFileError, match=r"scvi-tools SCVI model; import it with atlasmap\.SCVI"):
+            cls.from_scvi_tools(FIXTURE / "default")
+
+    class MySCVI(atlasmap.SCVI):
+        pass
+
+    assert type(MySCVI.from_scvi_tools(FIXTURE / "default")) is MySCVI
+    assert type(BaseModel.from_scvi_tools(FIXTURE / "default")) is atlasmap.SCVI
 
 
 def test_atlasmap_directory_is_pointed_to_load(tmp_path: Path) -> None:

@@ -101,7 +101,10 @@ def _safe_globals() -> list[Any]:
     Only types whose construction from pickle data cannot run arbitrary code: numpy arrays, dtypes
     and scalars (data, no callables), ``dict``/``bytes``, and inert stand-ins for pandas objects.
     """
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
 
     allowed: list[Any] = [(dict, "builtins.dict"), (bytes, "builtins.bytes"), (_plain_dict, "collections.defaultdict")]
     for core in ("numpy._core", "numpy.core"):  # numpy 2 and numpy 1 spell the module differently
@@ -556,9 +559,10 @@ def scvi_config_from_checkpoint(ckpt: ScviToolsCheckpoint, registry: Registry) -
     except (KeyError, IndexError):
         raise ModelFileError(f"{path} lacks the scVI encoder (z_encoder.mean_encoder); it is not an scVI model "
                              "or is corrupt.") from None
+    explicit = ckpt.init_params()  # without defaults: only what the file records
     for name, value in (("n_layers", n_layers), ("n_hidden", n_hidden), ("n_latent", n_latent)):
-        if int(p.get(name, value)) != value:
-            raise ModelFileError(f"{path}: init_params_ say {name}={p.get(name)} but the weights have {value}.")
+        if name in explicit and explicit[name] != value:
+            raise ModelFileError(f"{path}: init_params_ say {name}={explicit[name]!r} but the weights have {value}.")
     return SCVIConfig(
         n_genes=registry.n_vars, n_categories=tuple(registry.n_categories),
         n_continuous=len(registry.continuous_keys), n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
@@ -700,12 +704,15 @@ def from_scvi_tools(dir_path: str | Path, adata: Any = None, *, prefix: str | No
         raise ModelFileError(f"{ckpt.path} was set up with scvi-tools' {ckpt.registry['setup_method_name']}; "
                              "atlasmap imports models set up with setup_anndata.")
     cls = _atlasmap_class(entry.atlasmap_class)
-    if expected is not None:
-        if issubclass(expected, cls):
-            cls = expected  # a user subclass of the matching class
-        elif not issubclass(cls, expected):
+    if expected is not None and expected is not cls:
+        from atlasmap.io import _model_classes
+
+        other_model = _model_classes().get(expected.__name__) is expected  # e.g. SCANVI, a subclass of SCVI
+        if other_model or not (issubclass(expected, cls) or issubclass(cls, expected)):
             raise ModelFileError(f"{ckpt.path} holds a scvi-tools {name} model; import it with "
                                  f"atlasmap.{cls.__name__}.from_scvi_tools.")
+        if issubclass(expected, cls):
+            cls = expected  # a user's own subclass of the matching class
     model = entry.convert(ckpt, cls, adata)
     if adata is not None:
         model._cells()  # validate the AnnData against the imported registry now (InputError)

@@ -84,6 +84,10 @@ def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> 
         raise InputError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if target.exists() and not target.is_dir():
         raise InputError(f"{target} exists and is not a directory; choose another path.")
+    from atlasmap.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every rank holds the same model; rank 0 writes it
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.module.state_dict().items()}
