@@ -39,6 +39,10 @@ from atlasmap.models.totalvi import (
     TOTALVI,
 )
 
+# the expected "proteins missing / RNA only" warnings of partial-panel queries (asserted where they matter)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*proteins are not in the data:UserWarning"),
+              pytest.mark.filterwarnings("ignore:adata.obsm has no:UserWarning")]
+
 KEY = "protein_expression"
 N_PROTEINS = 10
 PROTEINS = [f"prot{i}" for i in range(N_PROTEINS)]

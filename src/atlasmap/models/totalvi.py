@@ -239,12 +239,14 @@ class TOTALVI(BaseModel):
     @torch.no_grad()
     def _init_protein_fill(self, cells: CellData) -> None:
         """Encoder input of unmeasured proteins: the reference average of the measured encoder input."""
-        y, mask = cells.fields["y"], cells.fields["y_mask"]
-        x_and_y = self.module.encoder_input(cells.batch(np.arange(cells.n_cells))["x"], y, mask)
-        y_in = x_and_y[:, -y.shape[1]:]
-        counts = mask.sum(0)
-        fill = torch.where(mask, y_in, torch.zeros_like(y_in)).sum(0) / counts.clamp(min=1)
-        self.module.protein_fill.copy_(fill)
+        n_pro = self.module.config.n_proteins
+        total = torch.zeros(n_pro, dtype=torch.float64)
+        for rows in minibatches(cells.n_cells, 4096, shuffle=False):  # chunks: the counts may be large
+            batch = cells.batch(rows)
+            y_in = self.module.encoder_input(batch["x"], batch["y"], batch["y_mask"])[:, -n_pro:]
+            total += torch.where(batch["y_mask"], y_in, torch.zeros_like(y_in)).sum(0).double()
+        fill = total / cells.fields["y_mask"].sum(0).clamp(min=1)
+        self.module.protein_fill.copy_(fill.float())
 
     @torch.no_grad()
     def _init_background_priors(self, cells: CellData, batches: Sequence[int],
