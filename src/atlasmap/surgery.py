@@ -10,7 +10,9 @@ Mapping a query onto a reference:
    dispersions). Reference blocks are untouched, so reference cells compute exactly what they did.
 3. **Freezing**: everything is ``requires_grad=False`` except the new blocks (and what the options
    release). The optimizer only ever sees trainable tensors, so weight decay cannot move frozen ones,
-   and autograd never computes their gradients.
+   and autograd never computes their gradients. Model-specific parts (scANVI's classifier and label
+   stacks) are frozen the same way; a module lists them with ``extra_frozen_modules`` so their
+   batch-norm statistics stay fixed too.
 """
 
 from __future__ import annotations
