@@ -261,6 +261,7 @@ def test_missing_labels_key_is_an_input_error_and_nothing_is_written() -> None:
     assert_unchanged(query, snaps[1])
 
 
+@pytest.mark.filterwarnings("ignore:the reference has a single")
 def test_reference_labels_with_nan_do_not_vote() -> None:
     z_ref, y_ref = blobs("AB", 30, seed=25)
     labels = pd.Series(y_ref, dtype=object)

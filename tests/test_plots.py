@@ -94,9 +94,9 @@ def test_confusion_matrix(tmp_path: Path) -> None:
     confusion = pd.DataFrame([[50, 2, 3], [4, 30, 1]], index=pd.Index(["B", "T"], name="true"),
                              columns=pd.Index(["B", "T", "Unknown"], name="predicted"))
     assert_png(plot_confusion_matrix(confusion, tmp_path / "cm.png", reference_types=["B"]), (300, 200))
-    big = pd.DataFrame(np.random.default_rng(0).integers(0, 20, (25, 26)),
-                       index=[f"type {i}" for i in range(25)], columns=[*(f"type {i}" for i in range(25)), "Unknown"])
-    assert_png(plot_confusion_matrix(big, tmp_path / "big.png"), (800, 600))
+    big = pd.DataFrame(np.random.default_rng(0).integers(0, 20, (16, 17)),
+                       index=[f"type {i}" for i in range(16)], columns=[*(f"type {i}" for i in range(16)), "Unknown"])
+    assert_png(plot_confusion_matrix(big, tmp_path / "big.png"), (600, 500))
 
 
 def test_histories_roundtrip_through_h5ad(tmp_path: Path) -> None:

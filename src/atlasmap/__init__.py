@@ -15,7 +15,7 @@ from atlasmap.errors import AtlasmapError, InputError, ModelFileError, NotTraine
 __version__ = "0.1.0"
 
 __all__ = ["SCANVI", "SCVI", "TOTALVI", "AtlasmapError", "InputError", "ModelFileError", "NotTrainedError", "__version__",
-           "datasets", "load"]
+           "datasets", "evaluate", "load", "transfer_labels"]
 
 _LAZY = {
     "SCVI": ("atlasmap.models.scvi", "SCVI"),

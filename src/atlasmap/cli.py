@@ -32,6 +32,13 @@ def _add_training_args(p: argparse.ArgumentParser, default_epochs: int | None) -
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = p.add_argument_group("streaming (data larger than memory; see docs/SCALING_SECTION.md)")
+    b.add_argument("--backed", action="store_true",
+                   help="leave the counts on disk and stream them in chunks (the input's counts must be CSR)")
+    b.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="--backed: cells per read (default 8192)")
+    b.add_argument("--shuffle-chunks", type=int, default=None, metavar="N",
+                   help="--backed: chunks mixed in the training shuffle buffer (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,13 +163,12 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_reference(args: argparse.Namespace) -> None:
-    from atlasmap.mapping import read_h5ad
     from atlasmap.models.scvi import SCVI
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise AtlasmapError(f"{out} already exists; pass --overwrite to replace it.")
-    adata = read_h5ad(args.adata, what="reference")
+    adata = _read_input(args, "reference")
     t0 = time.perf_counter()
     arch: dict[str, Any] = dict(
         batch_key=args.batch_key, layer=args.layer,
@@ -279,6 +285,43 @@ def _predict_labels(model: Any, joint: Any, query: Any, ref_adata: Any, args: ar
     return summary
 
 
+def _read_input(args: argparse.Namespace, what: str) -> Any:
+    """The input AnnData: in memory, or with ``--backed`` its counts left on disk (streamed in chunks)."""
+    from atlasmap.mapping import read_h5ad
+
+    if not args.backed:
+        return read_h5ad(args.adata, what=what)
+    from atlasmap.data.backed import read_backed, set_backed_options
+
+    set_backed_options(chunk_size=args.chunk_size, shuffle_chunks=args.shuffle_chunks)
+    return read_backed(args.adata, what=what)
+
+
+def _cmd_map_backed(args: argparse.Namespace) -> None:
+    """``atlasmap map --backed``: streams the query; OUT holds obs + obsm latent, no genes (or a .npy)."""
+    from atlasmap.io import load_model
+    from atlasmap.streaming import write_latent
+
+    unsupported = [flag for flag, value in (("--with-reference", args.with_reference), ("--knn-labels", args.knn_labels),
+                                            ("--report", args.report)) if value]
+    if unsupported:
+        raise AtlasmapError(f"{', '.join(unsupported)} cannot be combined with --backed (they need all cells in "
+                            "memory); map with --backed, then run them on the mapped output.")
+    reference = load_model(args.reference)
+    query = _read_input(args, "query")
+    t0 = time.perf_counter()
+    model = type(reference).load_query_data(query, reference, batch_key=args.batch_key,
+                                            min_gene_overlap=args.min_gene_overlap, unfrozen=args.unfrozen)
+    model.train(**_train_kwargs(args))
+    t_train = time.perf_counter() - t0
+    write_latent(model, query, args.output, overwrite=args.overwrite,
+                 uns={"reference": str(args.reference), "new_categories": model.surgery["new_categories"]})
+    if args.model_out:
+        model.save(args.model_out, overwrite=args.overwrite)
+    print(f"mapped {query.n_obs} query cells (backed) in {t_train:.1f} s, latent written in "
+          f"{time.perf_counter() - t0 - t_train:.1f} s -> {args.output}")
+
+
 def cmd_map(args: argparse.Namespace) -> None:
     from atlasmap.io import load_model
     from atlasmap.mapping import joint_embedding, knn_transfer, read_h5ad, write_h5ad_atomic
@@ -289,6 +332,8 @@ def cmd_map(args: argparse.Namespace) -> None:
             raise AtlasmapError(f"{path} already exists; pass --overwrite to replace it.")
     if args.knn_labels and not args.with_reference:
         raise AtlasmapError("--knn-labels needs --with-reference REF.h5ad (the labelled reference cells).")
+    if args.backed:
+        return _cmd_map_backed(args)
     reference = load_model(args.reference)
     query = read_h5ad(args.adata, what="query")
     ref_adata = read_h5ad(args.with_reference, what="reference") if args.with_reference else None
@@ -324,7 +369,7 @@ def cmd_map(args: argparse.Namespace) -> None:
               "foreground probability in obsm['atlasmap_protein_foreground_prob'], measured mask in "
               "obsm['atlasmap_protein_measured']")
     if "knn" in summary and "accuracy" in summary["knn"]:
-        print(f"kNN label transfer of {args.knn_labels!r}: accuracy {summary['knn']['accuracy']:.3f}")
+        print(f"kNN label transfer of {args.knn_labels!r}: {_knn_accuracy_text(summary['knn'])}")
     if labels_summary is not None:
         key = labels_summary["key"]
         line = f"scANVI labels in obs[{key!r}], uncertainty in obs['{key}_uncertainty']"
@@ -333,6 +378,11 @@ def cmd_map(args: argparse.Namespace) -> None:
             if labels_summary["query_cells_labelled_in_training"]:
                 line += " (those labels were used in training; see --ignore-query-labels)"
         print(line)
+
+
+def _knn_accuracy_text(knn: dict[str, Any]) -> str:
+    return (f"accuracy {knn['accuracy']:.3f} (most-voted label; {knn['accuracy_with_unknown']:.3f} counting the "
+            f"{100 * knn['fraction_unknown']:.1f}% Unknown calls as wrong)")
 
 
 def _joint_batch_column(joint: Any, ref_adata: Any, query: Any, ref_key: str | None, query_key: str | None
@@ -425,7 +475,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     write_h5ad_atomic(joint, out / "mapped.h5ad", overwrite=True)
     print(f"reference training: {args.epochs} epochs in {t_ref:.1f} s; query mapping: {args.epochs} epochs "
           f"in {t_query:.1f} s")
-    print(f"kNN (k=15) transfer of cell_type from control to stimulated cells: accuracy {knn['accuracy']:.3f}")
+    print(f"kNN (k=15) transfer of cell_type from control to stimulated cells: {_knn_accuracy_text(knn)}")
     figures = _write_report(out, joint, batch_key="batch", label_key="cell_type", scib=args.scib)
     print(f"wrote {out / 'mapped.h5ad'}, {', '.join(str(f) for f in figures)}, and the models in {out}/")
 

@@ -100,6 +100,12 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
     """
     import anndata as ad
 
+    from atlasmap.data.backed import is_backed
+
+    if is_backed(adata_query) or (adata_reference is not None and is_backed(adata_reference)):
+        raise InputError("a backed (on-disk) AnnData cannot be copied with its counts; write its latent with "
+                         "atlasmap.streaming.write_latent (or map it with atlasmap.streaming.map_query_backed, "
+                         "CLI: atlasmap map --backed).")
     query = adata_query.copy()
     query.obsm[key_added] = model.get_latent_representation(adata_query)
     query_extra = _model_obsm_outputs(model, adata_query)
