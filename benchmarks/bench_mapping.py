@@ -20,6 +20,7 @@ as JSON, and markdown tables are printed. Per-epoch numbers are medians (the mac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -109,13 +110,11 @@ def machine() -> dict:
     except OSError:
         pass
     mem = "?"
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 1024**2:.0f} GB"
-    except (OSError, ValueError, IndexError):
-        pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 

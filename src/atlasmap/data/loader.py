@@ -44,14 +44,23 @@ class CellData:
 
     def batch(self, rows: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> Batch:
         """The minibatch of ``rows`` as a dict of tensors on ``device``."""
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        if isinstance(self.counts, torch.Tensor):
-            x = self.counts.index_select(0, rows_t)
+        span = _contiguous_span(rows)
+        if span is not None:  # inference / validation: read-only views, no copy
+            lo, hi = span
+            x = (self.counts[lo:hi] if isinstance(self.counts, torch.Tensor)
+                 else torch.from_numpy(gather_csr_rows(self.counts, np.arange(lo, hi))))
+            out = {"x": x}
+            for name, tensor in self.fields.items():
+                out[name] = tensor[lo:hi]
         else:
-            x = torch.from_numpy(gather_csr_rows(self.counts, np.asarray(rows)))
-        out = {"x": x}
-        for name, tensor in self.fields.items():
-            out[name] = tensor.index_select(0, rows_t)
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            if isinstance(self.counts, torch.Tensor):
+                x = self.counts.index_select(0, rows_t)
+            else:
+                x = torch.from_numpy(gather_csr_rows(self.counts, np.asarray(rows)))
+            out = {"x": x}
+            for name, tensor in self.fields.items():
+                out[name] = tensor.index_select(0, rows_t)
         if str(device) != "cpu":
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
@@ -61,6 +70,16 @@ class CellData:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         counts = self.counts.index_select(0, rows_t) if isinstance(self.counts, torch.Tensor) else self.counts[rows]
         return CellData(counts, {k: v.index_select(0, rows_t) for k, v in self.fields.items()})
+
+
+def _contiguous_span(rows: np.ndarray | torch.Tensor) -> tuple[int, int] | None:
+    """``(lo, hi)`` when ``rows`` is exactly ``lo, lo + 1, ..., hi - 1`` (as minibatches without shuffling are)."""
+    if not isinstance(rows, np.ndarray) or rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
+        return None
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo != rows.size or lo < 0 or (rows.size > 1 and not bool((np.diff(rows) == 1).all())):
+        return None
+    return lo, hi
 
 
 def gather_csr_rows(csr: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:

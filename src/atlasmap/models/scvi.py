@@ -20,8 +20,11 @@ _NORM_CHOICES = ("none", "encoder", "decoder", "both")
 
 def library_log_priors(cells: CellData, n_batch: int, batches: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of log library size of each batch in ``batches`` (scvi-tools' library prior)."""
-    x = cells.counts
-    totals = x.sum(1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x.sum(1)).ravel()
+    x = getattr(cells, "counts", None)
+    if x is None:  # streaming source (backed file): library sizes were computed while validating
+        totals = cells.library
+    else:
+        totals = x.sum(1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x.sum(1)).ravel()
     log_lib = np.log(totals)
     codes = cells.fields["cat"][:, 0].numpy()
     means, variances = [], []
@@ -178,6 +181,16 @@ class SCVI(BaseModel):
         for rows in minibatches(cells.n_cells, batch_size, shuffle=False):
             batch = cells.batch(rows, device)
             inf = self.module.inference(batch, sample=False)
+            if n_samples == 1 and len(batch_codes) == 1 and batch_codes[0] is None:  # the common case: one pass
+                px = self.module.generative(inf["qz_m"], inf["library"], batch["cat"], batch["cont"],
+                                            with_dropout=False)
+                values = px["px_rate"] if library_size == "latent" else px["px_scale"]
+                if library_size != "latent" and float(library_size) != 1.0:
+                    values = values * float(library_size)
+                if len(gene_idx) != self.registry.n_vars:
+                    values = values.index_select(1, gene_idx_t)
+                out[rows] = values.cpu().numpy()
+                continue
             acc = torch.zeros(len(rows), len(gene_idx), device=device)
             for _ in range(n_samples):
                 z = inf["qz_m"]
@@ -187,7 +200,7 @@ class SCVI(BaseModel):
                     cat = batch["cat"].clone()
                     if code is not None:
                         cat[:, 0] = code
-                    px = self.module.generative(z, inf["library"], cat, batch["cont"])
+                    px = self.module.generative(z, inf["library"], cat, batch["cont"], with_dropout=False)
                     values = px["px_rate"] if library_size == "latent" else px["px_scale"] * float(library_size)
                     acc += values.index_select(1, gene_idx_t)
             out[rows] = (acc / (n_samples * len(batch_codes))).cpu().numpy()

@@ -179,8 +179,11 @@ class SCVIModule(nn.Module):
         return out
 
     def generative(
-        self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor
+        self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor,
+        *, with_dropout: bool = True,
     ) -> dict[str, torch.Tensor]:
+        """Decoder outputs; ``with_dropout=False`` skips the zero-inflation head (not needed for
+        normalised expression: one cells x genes matmul less)."""
         h = self.decoder(z, cat, cont)
         px_scale = F.softmax(self.px_scale(h), dim=-1)
         px_rate = torch.exp(library) * px_scale
@@ -189,7 +192,7 @@ class SCVIModule(nn.Module):
         else:
             theta = torch.exp(self.px_r_batch(cat[:, 0]))
         out = {"px_scale": px_scale, "px_rate": px_rate, "theta": theta}
-        if self.px_dropout is not None:
+        if self.px_dropout is not None and with_dropout:
             out["px_dropout"] = self.px_dropout(h)
         return out
 

@@ -48,10 +48,12 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor, eps: float = 1e-8) -> torch.T
 
 # ----------------------------------------------------------------------------------------------------------
 # Fused negative log-likelihoods for training: the same values as ``-log_zinb(...).sum(-1)`` /
-# ``-log_nb(...).sum(-1)`` but with hand-written gradients computed in the forward pass. Autograd through
-# the functions above records ~45 elementwise cells x genes kernels per step (where, two softplus, three
-# lgamma, their backward with digamma); here it is ~25 cheap in-place passes, one lgamma and one digamma,
-# and no ``lgamma(x + 1)`` at all when the per-cell constant is given. Profiles: docs in benchmarks/.
+# ``-log_nb(...).sum(-1)`` but with hand-written gradients computed in the forward pass, only for the
+# inputs that need them. Autograd through the functions above records ~70 cells x genes kernels per step
+# (forward and backward: where, two softplus, three lgamma, digamma, their backward); here it is ~45 cheap
+# in-place passes, no ``lgamma(x + 1)`` (a per-cell constant computed once from the sparse counts), lgamma /
+# digamma on the nonzero counts only for sparse minibatches, and no digamma / lgamma at all while the
+# dispersion is frozen (query training). ``benchmarks/profile_step.py`` shows where a step's time goes.
 # ----------------------------------------------------------------------------------------------------------
 
 _EPS = 1e-8
@@ -62,27 +64,71 @@ def log_factorial_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(x + 1).sum(-1)
 
 
+#: Below this fraction of nonzero counts in a minibatch, the lgamma / digamma terms (zero wherever x == 0)
+#: are evaluated on the nonzero entries only; single-cell minibatches are typically 2-20% nonzero.
+SPARSE_DENSITY = 0.25
+
+
+class _CountGammas:
+    """``lgamma(x + theta) - lgamma(theta)`` and ``digamma(x + theta) - digamma(theta)``: the two most
+    expensive elementwise functions of the NB likelihood. Both are exactly zero where ``x == 0``, so on
+    sparse minibatches they run on the nonzero entries only (found once, shared by forward and gradient)."""
+
+    def __init__(self, x: torch.Tensor, theta: torch.Tensor) -> None:
+        self.x, self.theta = x, theta
+        n_genes = x.shape[-1]
+        probe = x[: min(8, x.shape[0])] if x.dim() == 2 else x
+        self.sparse = x.dim() == 2 and x.is_contiguous() and float((probe > 0).float().mean()) < SPARSE_DENSITY
+        if self.sparse:
+            flat = x.reshape(-1)
+            self.idx = torch.nonzero(flat).squeeze(1)
+            if theta.shape == x.shape:
+                th = theta.reshape(-1).take(self.idx)
+            elif theta.dim() == 1:
+                th = theta.take(self.idx % n_genes)
+            else:
+                th = theta.expand_as(x).reshape(-1).take(self.idx)
+            self.theta_nz = th
+            self.y = flat.take(self.idx).add_(th)
+        else:
+            self.y = x + theta
+
+    def lgamma_cell_sum(self) -> torch.Tensor:
+        """Per-cell ``sum_g lgamma(x + theta) - lgamma(theta)``."""
+        if self.sparse:
+            values = torch.lgamma(self.y).sub_(torch.lgamma(self.theta_nz))
+            out = torch.zeros(self.x.shape[0], dtype=values.dtype, device=values.device)
+            return out.index_add_(0, torch.div(self.idx, self.x.shape[-1], rounding_mode="floor"), values)
+        return (torch.lgamma(self.y) - torch.lgamma(self.theta)).sum(-1)
+
+    def add_digamma_(self, out: torch.Tensor) -> torch.Tensor:
+        """``out += digamma(x + theta) - digamma(theta)`` (``out`` has the shape of ``x``)."""
+        if self.sparse:
+            out.view(-1).index_add_(0, self.idx, torch.digamma(self.y).sub_(torch.digamma(self.theta_nz)))
+            return out
+        return out.add_(torch.digamma(self.y)).sub_(torch.digamma(self.theta))
+
+
 def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None,
               need: tuple[bool, bool, bool] = (False, False, False),
               lgamma_theta_term: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Per-element log-likelihood without ``-lgamma(x + 1)`` (cells x genes), and the derivatives with
-    respect to ``mu``, ``theta`` and ``pi_logits`` that ``need`` asks for (``None`` for the others).
+              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """Log-likelihood terms without ``-lgamma(x + 1)``: elementwise ones (cells x genes) and the per-cell
+    ``sum_g lgamma(x + theta) - lgamma(theta)``, plus the derivatives with respect to ``mu``, ``theta``
+    and ``pi_logits`` that ``need`` asks for (``None`` for the others).
 
-    ``lgamma_theta_term``, when given, is the already summed per-cell ``sum_g lgamma(x + theta) - lgamma(theta)``
-    (constant when ``theta`` is frozen); it is then left out of the returned elementwise terms.
+    ``lgamma_theta_term``, when given, is that per-cell sum already computed (constant while ``theta`` is
+    frozen, e.g. in query training).
     """
     need_mu, need_theta, need_pi = need
+    gammas = _CountGammas(x, theta) if lgamma_theta_term is None or need_theta else None
+    cell = lgamma_theta_term if lgamma_theta_term is not None else gammas.lgamma_cell_sum()
     tme = mu + theta
     tme.add_(_EPS)  # theta + mu + eps
     a = torch.log(tme)
     la = torch.log(theta + _EPS) - a  # log(theta + eps) - log(theta + mu + eps)
     u = la * theta  # theta * (log theta - log(theta + mu)): log P(x = 0) under the NB
     f = torch.log(mu + _EPS).sub_(a).mul_(x)  # x * (log mu - log(theta + mu))
-    y = None
-    if lgamma_theta_term is None:
-        y = x + theta
-        f.add_(torch.lgamma(y)).sub_(torch.lgamma(theta))
     d = None
     if pi_logits is None:
         f.add_(u)
@@ -97,7 +143,7 @@ def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits:
     if not (need_mu or need_theta):
         if need_pi:
             grads[2] = torch.sigmoid(-pi_logits).sub_(d)
-        return f, grads
+        return f, cell, grads
     r = torch.reciprocal(tme)  # 1 / (theta + mu + eps)
     theta_r = r * theta
     if d is not None:
@@ -107,15 +153,13 @@ def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits:
         g_theta = la.add_(theta / (theta + _EPS))
         if d is not None:
             g_theta.mul_(d)
-        y = x + theta if y is None else y
-        g_theta.sub_(theta_r).sub_(r * x).add_(torch.digamma(y)).sub_(torch.digamma(theta))
-        grads[1] = g_theta
+        grads[1] = gammas.add_digamma_(g_theta.sub_(theta_r).sub_(r * x))
     if need_mu:
         # d f / d mu = x (1 / (mu + eps) - 1 / (theta + mu + eps)) - D theta r
         grads[0] = torch.reciprocal(mu + _EPS).sub_(r).mul_(x).sub_(theta_r)
     if need_pi:
         grads[2] = torch.sigmoid(-pi_logits).sub_(d)
-    return f, grads
+    return f, cell, grads
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -135,11 +179,10 @@ class _FusedNLL(torch.autograd.Function):
                 pi_logits: torch.Tensor | None, const: torch.Tensor,
                 lgamma_theta_term: torch.Tensor | None) -> torch.Tensor:
         need = tuple(bool(n) for n in ctx.needs_input_grad[1:4])
-        f, grads = _nb_terms(x, mu, theta, pi_logits, need, lgamma_theta_term)
+        f, cell, grads = _nb_terms(x, mu, theta, pi_logits, need, lgamma_theta_term)
         ctx.theta_shape = theta.shape
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
-        out = const - f.sum(-1)
-        return out if lgamma_theta_term is None else out - lgamma_theta_term
+        return const - f.sum(-1) - cell
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -173,12 +216,11 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (mu, theta, pi_logits))
     if not needs_grad:
-        f, _ = _nb_terms(x, mu, theta, pi_logits, lgamma_theta_term=lgamma_theta_term)
-        out = log_x_fact - f.sum(-1)
-        return out if lgamma_theta_term is None else out - lgamma_theta_term
+        f, cell, _ = _nb_terms(x, mu, theta, pi_logits, lgamma_theta_term=lgamma_theta_term)
+        return log_x_fact - f.sum(-1) - cell
     return _FusedNLL.apply(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term)
 
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``sum_g lgamma(x_g + theta_g) - lgamma(theta_g)`` of each cell (the NB term that needs no ``mu``)."""
-    return (torch.lgamma(x + theta) - torch.lgamma(theta)).sum(-1)
+    return _CountGammas(x, theta).lgamma_cell_sum()
