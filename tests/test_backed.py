@@ -17,7 +17,6 @@ from support import SMALL, simulate, split_by_batch
 
 import atlasmap
 from atlasmap.data.backed import (
-    CSRFile,
     CSRWriter,
     DataChangedError,
     backed_options,
@@ -347,3 +346,16 @@ def test_cli_map_backed(tmp_path: Path, files: dict[str, Path], reference: atlas
                  str(tmp_path / "o2.h5ad"), "--backed", "--quiet"]) == 2
     assert "dense" in capsys.readouterr().err
     assert not (tmp_path / "o2.h5ad").exists()
+
+
+def test_cli_reference_backed_and_joint_embedding_guard(tmp_path: Path, files: dict[str, Path]) -> None:
+    from atlasmap.cli import main
+    from atlasmap.mapping import joint_embedding
+
+    assert main(["reference", str(files["ref"]), "--batch-key", "batch", "-o", str(tmp_path / "m"), "--backed",
+                 "--epochs", "2", "--quiet", "--n-hidden", "16", "--chunk-size", "64"]) == 0
+    backed = read_backed(files["ref"])
+    model = atlasmap.SCVI.load(tmp_path / "m", backed)
+    assert model.get_latent_representation().shape == (backed.n_obs, 10)
+    with pytest.raises(InputError, match="write_latent"):
+        joint_embedding(model, backed)

@@ -1,10 +1,11 @@
 """Data-parallel training: real 2-process gloo runs on CPU launched with torchrun.
 
-The comparison is meaningful because the distributed run takes the *same* global minibatches as the
-single-process run (same seed; each rank computes half of each batch, the loss weighted so the reduced
-gradient is the single-process gradient). What differs is only each rank's sampling noise, so the loss
-curves agree to a fraction of a percent while the loss itself falls by much more — and they are not
-bit-identical, which shows the ranks really did split the work.
+The comparison with a single process is made exact: the 2-rank run takes the *same* global minibatches
+as the 1-process run (same seed; rank r computes rows r::2 of each batch, its loss weighted so the
+all-reduced gradient is the 1-process gradient of the whole batch). The only other difference is each
+rank's sampling noise, which the deterministic test switches off (z = posterior mean) — the two loss
+curves must then agree to float rounding. The end-to-end CLI test keeps the noise and checks a looser
+agreement, plus the surgery invariants, for query training streamed from disk in shards.
 """
 
 from __future__ import annotations
@@ -30,10 +31,22 @@ from atlasmap.cli import main as cli_main
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 
-ARCH = ["--n-hidden", "32", "--n-latent", "6", "--n-layers", "2", "--dropout-rate", "0"]
 TRAIN = ["--epochs", "6", "--batch-size", "32", "--lr", "0.01", "--seed", "3", "--quiet"]
-#: Largest relative difference of per-epoch ELBOs between the 2-rank and the 1-process run.
-TOLERANCE = 0.01
+#: Reference training script run both by torchrun (2 ranks) and as one plain process.
+DETERMINISTIC_SCRIPT = """
+    import contextlib, os, sys
+    import torch
+    torch.randn_like = lambda t, **kw: torch.zeros_like(t)  # no sampling noise: z = posterior mean
+    import anndata as ad
+    import atlasmap
+    from atlasmap.distributed import distributed
+
+    adata = ad.read_h5ad(sys.argv[1])
+    with distributed() if "RANK" in os.environ else contextlib.nullcontext():
+        model = atlasmap.SCVI(adata, batch_key="batch", n_hidden=32, n_latent=6, n_layers=2, dropout_rate=0.0)
+        model.train(6, batch_size=32, lr=0.01, seed=3, progress_bar=False)
+        model.save(sys.argv[2])  # only rank 0 writes
+"""
 
 
 def _free_port() -> int:
@@ -42,25 +55,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
 def _torchrun(target: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *target]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
 def _history(model_dir: Path) -> dict[str, list[float]]:
     return json.loads((model_dir / "config.json").read_text())["history"]
 
 
-def _assert_close_curves(ddp: dict[str, list[float]], single: dict[str, list[float]], tol: float) -> None:
+def _max_rel_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    worst = 0.0
     for key in ("elbo_train", "elbo_validation"):
-        a, b = np.asarray(ddp[key]), np.asarray(single[key])
-        assert a.shape == b.shape, key
-        rel = np.abs(a - b) / np.abs(b)
-        assert rel.max() < tol, f"{key}: 2 ranks {a.round(2)} vs 1 process {b.round(2)} (max rel diff {rel.max():.4f})"
-    fall = (single["elbo_train"][0] - single["elbo_train"][-1]) / single["elbo_train"][0]
-    assert fall > 5 * tol, f"the loss falls only {fall:.3f}: the comparison would not be meaningful"
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        assert x.shape == y.shape, key
+        worst = max(worst, float(np.max(np.abs(x - y) / np.abs(y))))
+    return worst
 
 
 @pytest.fixture(scope="module")
@@ -76,35 +91,45 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def single_reference(data: dict[str, Path]) -> Path:
     out = data["root"] / "ref_single"
-    assert cli_main(["reference", str(data["ref"]), "--batch-key", "batch", "-o", str(out), *ARCH, *TRAIN]) == 0
+    arch = ["--n-hidden", "32", "--n-latent", "6", "--n-layers", "2", "--dropout-rate", "0"]
+    assert cli_main(["reference", str(data["ref"]), "--batch-key", "batch", "-o", str(out), *arch, *TRAIN]) == 0
     return out
 
 
-def test_two_rank_reference_matches_single_process(data: dict[str, Path], single_reference: Path,
-                                                   tmp_path: Path) -> None:
-    out = tmp_path / "ref_ddp"
-    run = _torchrun(["-m", "atlasmap.distributed", "reference", str(data["ref"]), "--batch-key", "batch",
-                     "-o", str(out), *ARCH, *TRAIN])
+def test_two_rank_training_matches_single_process(data: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "train_ref.py"
+    script.write_text(textwrap.dedent(DETERMINISTIC_SCRIPT))
+    run = _torchrun([str(script), str(data["ref"]), str(tmp_path / "ddp")])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "distributed run on 2 ranks (gloo, cpu)" in run.stderr
-    assert run.stdout.count("reference model:") == 1, "only rank 0 reports"
-    ddp, single = _history(out), _history(single_reference)
-    _assert_close_curves(ddp, single, TOLERANCE)
-    assert ddp["elbo_train"] != single["elbo_train"], "bit-identical to 1 process: the ranks did not split the work"
+    # the same script as one plain process (in this process: no torchrun environment, so no DDP)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", [str(script), str(data["ref"]), str(tmp_path / "single")])
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", torch.randn_like)  # the script replaces it; restored on leaving
+        exec(compile(script.read_text(), str(script), "exec"), {"__name__": "__main__"})
+    assert torch.randn_like(torch.ones(3)).ne(0).all()
 
-    # save -> load round trip of the model rank 0 wrote
+    ddp_hist, single_hist = _history(tmp_path / "ddp"), _history(tmp_path / "single")
+    diff = _max_rel_diff(ddp_hist, single_hist)
+    fall = 1 - single_hist["elbo_train"][-1] / single_hist["elbo_train"][0]
+    assert diff < 1e-5, f"2 ranks vs 1 process: per-epoch ELBOs differ by up to {diff:.2e} (relative)"
+    assert fall > 0.1, f"the loss falls only {fall:.3f}: the comparison would not be meaningful"
+
     adata = ad.read_h5ad(data["ref"])
-    model = atlasmap.SCVI.load(out, adata)
+    model = atlasmap.SCVI.load(tmp_path / "ddp", adata)
+    single_model = atlasmap.SCVI.load(tmp_path / "single", adata)
+    for (name, p), (_, q) in zip(model.module.named_parameters(), single_model.module.named_parameters(),
+                                 strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    # save -> load round trip of the model rank 0 wrote
     latent = model.get_latent_representation()
     model.save(tmp_path / "again")
     again = atlasmap.SCVI.load(tmp_path / "again", adata)
     np.testing.assert_array_equal(again.get_latent_representation(), latent)
     for (name, p), (_, q) in zip(model.module.named_parameters(), again.module.named_parameters(), strict=True):
         assert torch.equal(p, q), name
-    # and it is (nearly) the single-process model
-    single_latent = atlasmap.SCVI.load(single_reference, adata).get_latent_representation()
-    corr = np.corrcoef(latent.ravel(), single_latent.ravel())[0, 1]
-    assert corr > 0.95, corr
 
 
 def test_two_rank_backed_query_surgery(data: dict[str, Path], single_reference: Path, tmp_path: Path) -> None:
@@ -126,8 +151,11 @@ def test_two_rank_backed_query_surgery(data: dict[str, Path], single_reference: 
     for name, p in query.module.named_parameters():
         if name in ref_params:  # every reference tensor is bit-identical after DDP query training
             assert torch.equal(p, ref_params[name]), name
-    # shards of chunks shuffle differently from one process, so the curves agree more loosely
-    _assert_close_curves(_history(tmp_path / "q_ddp"), _history(tmp_path / "q_single"), 5 * TOLERANCE)
+    # with sampling noise, and shards of chunks shuffled differently from one process, the curves agree
+    # only approximately — but they must not be identical (the ranks really split the work)
+    ddp_hist, single_hist = _history(tmp_path / "q_ddp"), _history(tmp_path / "q_single")
+    assert _max_rel_diff(ddp_hist, single_hist) < 0.03
+    assert ddp_hist["elbo_train"] != single_hist["elbo_train"]
 
 
 def test_ranks_with_different_data_fail_clearly(data: dict[str, Path], tmp_path: Path) -> None:

@@ -418,4 +418,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m atlasmap.distributed` runs this file as __main__; the training code looks up the context
+    # in the imported module atlasmap.distributed, so run *its* main (one module state, not two)
+    from atlasmap.distributed import main as _main
+
+    sys.exit(_main())

@@ -59,8 +59,11 @@ def iter_latent(model: Any, adata: Any = None, *, batch_size: int = 8192, give_m
 
 
 def _tmp_sibling(path: Path) -> Path:
+    from atlasmap.data.backed import make_readable
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    make_readable(Path(tmp))
     return Path(tmp)
 
 

@@ -43,7 +43,7 @@ from atlasmap.data.align import (
     encode_categories,
     reorder_genes,
 )
-from atlasmap.data.loader import Batch, gather_csr_rows, log_factorial_rows, minibatches
+from atlasmap.data.loader import Batch, log_factorial_rows, minibatches
 from atlasmap.data.registry import Registry, check_anndata, check_library_sizes, validate_counts
 from atlasmap.errors import AtlasmapError, InputError
 
@@ -76,11 +76,16 @@ class BackedOptions:
         ``chunk_size * shuffle_chunks * (nonzeros per cell) * 8`` bytes (plus one prefetched chunk).
     prefetch
         Read the next chunk in a background thread while the model trains on the current buffer.
+    release_memory
+        On glibc (Linux), serve allocations above 4 MB with ``mmap`` so that large temporaries go back to
+        the operating system when freed. Without it, glibc's heap fragments over a long streaming run and
+        the resident memory creeps up by several KB per cell. Process-wide; off: ``release_memory=False``.
     """
 
     chunk_size: int = 8192
     shuffle_chunks: int = 4
     prefetch: bool = True
+    release_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 2:
@@ -321,6 +326,13 @@ def _where(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
+def make_readable(path: Path) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the permissions a normally created file would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _row_ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
@@ -335,22 +347,51 @@ def scan_backed_counts(adata: Any, layer: str | None, *, alignment: GeneAlignmen
     return _scan(adata, layer, alignment=alignment, chunk_size=chunk_size)["library"]
 
 
+#: Results of the last few scans, keyed by file identity, counts key, gene alignment and cell names: the
+#: registry check and the loader then read a file once, not twice.
+_SCANS: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+
 def _scan(adata: Any, layer: str | None, *, alignment: GeneAlignment | None, chunk_size: int | None
           ) -> dict[str, np.ndarray]:
-    """One validating pass over the counts: per-cell library size and ``sum_g log(x_g!)``."""
+    """One validating pass over the counts: per-cell library size and ``sum_g log(x_g!)`` (memoised)."""
+    path = _backed_path(adata)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"backed file {path} does not exist.") from None
+    aligned = alignment is not None and not alignment.is_identity
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, _counts_key(layer),
+           hashlib.sha1(alignment.source_index.tobytes()).hexdigest() if aligned else None,
+           hashlib.sha1("\0".join(map(str, adata.obs_names)).encode()).hexdigest())
+    out = _SCANS.get(key)
+    if out is None:
+        out = _scan_file(adata, layer, alignment=alignment if aligned else None, chunk_size=chunk_size)
+        while len(_SCANS) >= 4:
+            _SCANS.pop(next(iter(_SCANS)))
+        _SCANS[key] = out
+    if alignment is not None:  # library sizes over the model's genes
+        check_library_sizes(out["library"], adata.obs_names)
+    return out
+
+
+def _scan_file(adata: Any, layer: str | None, *, alignment: GeneAlignment | None, chunk_size: int | None
+               ) -> dict[str, np.ndarray]:
     chunk_size = chunk_size or _OPTIONS.chunk_size
     with _open_counts(adata, layer) as source:
         n = source.shape[0]
         out = {"library": np.empty(n, dtype=np.float32), "log_x_fact": np.empty(n, dtype=np.float32)}
+        canonical = True
         for lo, hi in _row_ranges(n, chunk_size):
-            csr = validate_counts(source.read(lo, hi), where=_where(layer), obs_names=adata.obs_names[lo:hi],
+            raw = source.read(lo, hi)
+            csr = validate_counts(raw, where=_where(layer), obs_names=adata.obs_names[lo:hi],
                                   var_names=adata.var_names, layer=layer)
             if alignment is not None:
                 csr = reorder_genes(csr, alignment)
+            canonical = canonical and bool(raw.has_canonical_format)
             out["library"][lo:hi] = np.asarray(csr.sum(axis=1)).ravel()
             out["log_x_fact"][lo:hi] = log_factorial_rows(csr)
-            if alignment is not None:
-                check_library_sizes(out["library"][lo:hi], adata.obs_names[lo:hi])
+    out["canonical"] = np.array(canonical)  # sorted column indices, no duplicates: rows can be read as stored
     return out
 
 
@@ -380,8 +421,9 @@ class BackedCells:
     """
 
     def __init__(self, source: CSRFile, alignment: GeneAlignment, fields: dict[str, torch.Tensor],
-                 library: np.ndarray, options: BackedOptions | None = None) -> None:
+                 library: np.ndarray, options: BackedOptions | None = None, *, canonical: bool = True) -> None:
         self.source = source
+        self.canonical = canonical
         self.alignment = alignment
         self.fields = fields
         self.library = library
@@ -406,8 +448,11 @@ class BackedCells:
         return h.hexdigest()[:16]
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Counts of rows ``start:stop`` in the model's gene order (float32 CSR)."""
-        return reorder_genes(self.source.read(start, stop), self.alignment)
+        """Counts of rows ``start:stop`` in the model's gene order (float32 CSR, canonical)."""
+        csr = self.source.read(start, stop)
+        if not self.canonical:  # duplicate entries are summed, as when validating
+            csr.sum_duplicates()
+        return reorder_genes(csr, self.alignment)
 
     def _read_selected(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of sorted ``rows`` (all within one chunk): one read of their covering range."""
@@ -415,10 +460,9 @@ class BackedCells:
         csr = self.read_rows(lo, hi)
         return csr if rows.size == hi - lo else csr[rows - lo]
 
-    def _assemble(self, csr: sp.csr_matrix, local: np.ndarray, rows: np.ndarray, device: torch.device | str
-                  ) -> Batch:
+    def _with_fields(self, x: torch.Tensor, rows: np.ndarray, device: torch.device | str) -> Batch:
         rows_t = torch.from_numpy(rows)
-        out = {"x": torch.from_numpy(gather_csr_rows(csr, local))}
+        out = {"x": x}
         for name, tensor in self.fields.items():
             out[name] = tensor.index_select(0, rows_t)
         if str(device) != "cpu":
@@ -437,11 +481,13 @@ class BackedCells:
         sorted_rows = rows[order]
         chunk_of = sorted_rows // self.options.chunk_size
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
-        pieces = [self._read_selected(part) for part in np.split(sorted_rows, bounds)]
-        csr = pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
-        local = np.empty_like(order)
-        local[order] = np.arange(rows.size)
-        return self._assemble(csr, local, rows, device)
+        parts = np.split(sorted_rows, bounds)
+        csr, _ = _concat_rows([(self._read_selected(part), part) for part in parts])
+        if not np.array_equal(order, np.arange(rows.size)):
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(rows.size)
+            csr = csr[inverse]  # back to the requested order
+        return self._with_fields(_DenseRows(csr).rows(0, rows.size), rows, device)
 
     def iter_batches(
         self,
@@ -476,6 +522,7 @@ class BackedCells:
         """
         rows = np.asarray(rows, dtype=np.int64)
         chunks = self._chunks_of(rows)
+        # the random draws happen here, in the caller, so ranks' generators stay in step
         if shuffle:
             if rng is None:
                 raise ValueError("shuffle=True needs rng")
@@ -486,29 +533,42 @@ class BackedCells:
         chunks = chunks[rank::world_size]
         group = self.options.shuffle_chunks if shuffle else 1
         groups = [chunks[i:i + group] for i in range(0, len(chunks), group)]
-        reader = (self._read_group(g) for g in groups)
-        if self.options.prefetch and len(groups) > 1:
-            reader = _prefetch(reader)
-        carry_csr: sp.csr_matrix | None = None
-        carry_rows = np.empty(0, dtype=np.int64)
-        for i, (csr, buf_rows) in enumerate(reader):
-            if carry_rows.size:
-                csr = sp.vstack([carry_csr, csr], format="csr")
-                buf_rows = np.concatenate([carry_rows, buf_rows])
-            order = local_rng.permutation(buf_rows.size) if local_rng is not None else np.arange(buf_rows.size)
-            last = i == len(groups) - 1
-            if last:
-                for part in minibatches(order.size, batch_size, shuffle=False):
-                    local = order[part]
-                    yield self._assemble(csr, local, buf_rows[local], device)
-                carry_rows = np.empty(0, dtype=np.int64)
+        batches = self._generate(groups, batch_size, local_rng, device)
+        if self.options.prefetch:
+            # the whole pipeline (read, shuffle buffer, densify) runs one step ahead in a worker thread
+            return _prefetch(batches, depth=4)
+        return batches
+
+    def _generate(self, groups: list[list[np.ndarray]], batch_size: int, local_rng: np.random.Generator | None,
+                  device: torch.device | str) -> Iterator[Batch]:
+        carry: list[tuple[sp.csr_matrix, np.ndarray, np.ndarray]] = []
+        for i, group in enumerate(groups):
+            # whole covering ranges are read; the selected rows are picked by the same single copy that
+            # applies the shuffle (one fancy-index pass over the buffer, not two)
+            csr, sel, buf_rows = _concat_pieces(carry + [self._read_range(c) for c in group])
+            carry = []
+            order = local_rng.permutation(sel.size) if local_rng is not None else None
+            if order is not None:
+                sel, buf_rows = sel[order], buf_rows[order]
+            if not (sel.size == csr.shape[0] and np.array_equal(sel, np.arange(sel.size))):
+                csr = csr[sel]
+            dense = _DenseRows(csr)
+            if i == len(groups) - 1:
+                for part in minibatches(buf_rows.size, batch_size, shuffle=False):
+                    lo, hi = int(part[0]), int(part[-1]) + 1
+                    yield self._with_fields(dense.rows(lo, hi), buf_rows[lo:hi], device)
             else:
-                n_full = (order.size // batch_size) * batch_size
+                n_full = (buf_rows.size // batch_size) * batch_size
                 for lo in range(0, n_full, batch_size):
-                    local = order[lo:lo + batch_size]
-                    yield self._assemble(csr, local, buf_rows[local], device)
-                keep = np.sort(order[n_full:])
-                carry_csr, carry_rows = csr[keep], buf_rows[keep]
+                    yield self._with_fields(dense.rows(lo, lo + batch_size), buf_rows[lo:lo + batch_size], device)
+                if n_full < buf_rows.size:
+                    rest = csr[n_full:]
+                    carry = [(rest, np.arange(rest.shape[0]), buf_rows[n_full:])]
+
+    def _read_range(self, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """The covering range of sorted ``rows`` (one read), the rows' positions in it, and the rows."""
+        lo = int(rows[0])
+        return self.read_rows(lo, int(rows[-1]) + 1), rows - lo, rows
 
     def _chunks_of(self, rows: np.ndarray) -> list[np.ndarray]:
         """``rows`` split by chunk (non-empty parts only, in file order)."""
@@ -516,23 +576,79 @@ class BackedCells:
         edges = np.searchsorted(rows, np.arange(0, self.n_cells + size, size))
         return [rows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
-    def _read_group(self, chunks: list[np.ndarray]) -> tuple[sp.csr_matrix, np.ndarray]:
-        pieces = [self._read_selected(c) for c in chunks]
-        csr = pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
-        return csr, np.concatenate(chunks)
-
     def iter_ordered(self, batch_size: int, device: torch.device | str = "cpu"
                      ) -> Iterator[tuple[slice, Batch]]:
         """``(rows, batch)`` over all cells in file order, ``rows`` a slice; for inference and writing outputs."""
-        ranges = _row_ranges(self.n_cells, max(batch_size, 1))
-        reader: Iterable[sp.csr_matrix] = (self.read_rows(lo, hi) for lo, hi in ranges)
-        if self.options.prefetch and len(ranges) > 1:
-            reader = _prefetch(reader)
-        for (lo, hi), csr in zip(ranges, reader, strict=True):
-            yield slice(lo, hi), self._assemble(csr, np.arange(hi - lo), np.arange(lo, hi), device)
+        blocks = ((slice(lo, hi), self._with_fields(_DenseRows(self.read_rows(lo, hi)).rows(0, hi - lo),
+                                                     np.arange(lo, hi), device))
+                  for lo, hi in _row_ranges(self.n_cells, max(batch_size, 1)))
+        return _prefetch(blocks, depth=1) if self.options.prefetch else blocks
 
     def close(self) -> None:
         self.source.close()
+
+
+_MMAP_THRESHOLD = 4 * 1024**2
+_released = False
+
+
+def release_large_allocations() -> bool:
+    """On glibc, serve allocations above 4 MB with ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so big
+    temporaries are returned to the OS when freed instead of fragmenting the heap. Returns whether it was
+    applied (once per process; a no-op elsewhere)."""
+    global _released
+    if _released:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _released = bool(libc.mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+    return _released
+
+
+def _concat_pieces(pieces: list[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]
+                   ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Stack ``(matrix, selected local rows, their cell indices)`` pieces into one matrix and selections."""
+    csr, _ = _concat_rows([(m, r) for m, _, r in pieces])
+    offsets = np.cumsum([0] + [m.shape[0] for m, _, _ in pieces[:-1]])
+    sel = np.concatenate([s + o for (_, s, _), o in zip(pieces, offsets, strict=True)])
+    return csr, sel, np.concatenate([r for _, _, r in pieces])
+
+
+def _concat_rows(pieces: list[tuple[sp.csr_matrix, np.ndarray]]) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Stack CSR row blocks (and their cell indices) with plain concatenations (no index up-casting)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    mats = [m for m, _ in pieces]
+    offsets = np.cumsum([0] + [m.nnz for m in mats[:-1]])
+    indptr = np.concatenate([np.zeros(1, dtype=np.int64)]
+                            + [m.indptr[1:].astype(np.int64) + o for m, o in zip(mats, offsets, strict=True)])
+    csr = sp.csr_matrix((np.concatenate([m.data for m in mats]), np.concatenate([m.indices for m in mats]), indptr),
+                        shape=(int(indptr.size - 1), mats[0].shape[1]))
+    return csr, np.concatenate([r for _, r in pieces])
+
+
+class _DenseRows:
+    """Dense float32 tensors of row ranges of a CSR matrix, by one ``index_copy_`` per range (torch: no GIL)."""
+
+    def __init__(self, csr: sp.csr_matrix) -> None:
+        self.n_cols = int(csr.shape[1])
+        self.indptr = csr.indptr.astype(np.int64, copy=False)
+        self.indices = csr.indices  # kept as stored (int32): a slice is widened per minibatch
+        self.data = torch.from_numpy(np.ascontiguousarray(csr.data, dtype=np.float32))
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        a, b = int(self.indptr[lo]), int(self.indptr[hi])
+        flat = torch.zeros((hi - lo) * self.n_cols, dtype=torch.float32)
+        if b > a:
+            starts = torch.arange(0, (hi - lo) * self.n_cols, self.n_cols, dtype=torch.int64)
+            counts = torch.from_numpy(np.diff(self.indptr[lo:hi + 1]))
+            cols = torch.from_numpy(self.indices[a:b].astype(np.int64))
+            flat.index_copy_(0, torch.repeat_interleave(starts, counts) + cols, self.data[a:b])
+        return flat.view(hi - lo, self.n_cols)
 
 
 def prepare_backed_cells(
@@ -553,13 +669,16 @@ def prepare_backed_cells(
     kwargs = {} if min_gene_overlap is None else {"min_overlap": min_gene_overlap}
     alignment = align_genes(adata.var_names, registry.var_names, **kwargs)
     options = options or _OPTIONS
+    if options.release_memory:
+        release_large_allocations()
     per_cell = _scan(adata, registry.layer, alignment=alignment, chunk_size=options.chunk_size)
     fields = {  # the same per-cell fields as prepare_cells builds for in-memory data
         "cat": torch.from_numpy(encode_categories(adata, registry, key_map)),
         "cont": torch.from_numpy(continuous_matrix(adata, registry)),
         "log_x_fact": torch.from_numpy(per_cell["log_x_fact"]),
     }
-    return BackedCells(_open_counts(adata, registry.layer), alignment, fields, per_cell["library"], options)
+    return BackedCells(_open_counts(adata, registry.layer), alignment, fields, per_cell["library"], options,
+                       canonical=bool(per_cell["canonical"]))
 
 
 def epoch_batches(
@@ -601,21 +720,25 @@ _DONE = object()
 
 def _prefetch(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
     """Iterate ``items`` produced one step ahead in a background thread (exceptions re-raised here)."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    q: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
+    # the producer may read item k + depth only once the consumer has taken item k, so at most `depth`
+    # items wait while the consumer works on one (the buffer's memory stays bounded)
+    slots = threading.Semaphore(depth)
 
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            iterator = iter(items)
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            q.put((True, _DONE))
+                item = next(iterator, _DONE)
+                q.put((True, item))
+                if item is _DONE:
+                    return
         except BaseException as err:  # forwarded to the consumer
             q.put((False, err))
 
@@ -628,7 +751,9 @@ def _prefetch(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
                 raise item
             if item is _DONE:
                 return
+            slots.release()
             yield item
+            del item
     finally:
         stop.set()
         with contextlib.suppress(queue.Empty):
@@ -667,6 +792,7 @@ class CSRWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
+        make_readable(self.tmp)
         self.n_vars = int(n_vars)
         self._file = h5py.File(self.tmp, "w")
         group = self._file.create_group("X")

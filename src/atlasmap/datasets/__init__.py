@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atlasmap.datasets.simulate import simulate_counts, simulation_programs, write_simulated_h5ad
-
 DATA_DIR = Path(__file__).parent
 KANG_FILE = DATA_DIR / "kang2018_demo.h5ad"
 
 __all__ = ["kang2018", "simulate_counts", "simulation_programs", "write_simulated_h5ad"]
+
+
+def __getattr__(name: str) -> Any:
+    # the simulator is imported on first use, so `python -m atlasmap.datasets.simulate` runs it cleanly
+    if name in ("simulate_counts", "simulation_programs", "write_simulated_h5ad"):
+        from atlasmap.datasets import simulate
+
+        return getattr(simulate, name)
+    raise AttributeError(f"module 'atlasmap.datasets' has no attribute {name!r}")
 
 
 def kang2018() -> Any:
