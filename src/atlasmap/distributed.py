@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import sys
 import time
@@ -298,7 +297,7 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
     from torch.nn.parallel import DistributedDataParallel
 
     from atlasmap import train as train_mod
-    from atlasmap.train import kl_weight_at, split_cells, trainable_parameters
+    from atlasmap.train import EpochLog, kl_weight_at, split_cells, trainable_parameters
 
     ctx = ctx or _CONTEXT
     if ctx is None or not dist.is_initialized():
@@ -324,7 +323,7 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
     rng = np.random.default_rng(config.seed + 1)  # identical on every rank: same global batches
     history = defaultdict(list, history or {})
     start_epoch = len(history.get("epoch", []))
-    best, since_best = math.inf, 0
+    stopper = EpochLog(config)
     show = config.progress_bar and ctx.is_main
 
     from tqdm.auto import tqdm
@@ -364,16 +363,7 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
                         val += wrapper(batch, kl_weight, 1.0)[1].cpu().numpy()
                 record.update(_record(_all_reduce(val, device), "validation"))
             record["epoch_seconds"] = time.perf_counter() - t0
-            for key, value in record.items():
-                history[key].append(value)
-            monitored = record.get("elbo_validation", record["elbo_train"])
-            bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
-                            elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
-            if monitored < best - config.early_stopping_min_delta:
-                best, since_best = monitored, 0
-            else:
-                since_best += 1
-            if config.early_stopping and since_best >= config.early_stopping_patience:
+            if stopper.close_epoch(record, history, bar):
                 break
         bar.close()
     module.eval()

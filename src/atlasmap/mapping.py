@@ -43,6 +43,9 @@ def write_h5ad_atomic(adata: Any, path: str | Path, *, overwrite: bool = False) 
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

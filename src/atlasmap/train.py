@@ -116,6 +116,29 @@ def with_frozen_fields(module: nn.Module, cells: CellData) -> CellData:
     return out
 
 
+
+class EpochLog:
+    """Appends each epoch's record to the history, updates the progress bar, and decides early stopping
+    on the validation ELBO (the training ELBO when there is no validation set)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.best = math.inf
+        self.since_best = 0
+
+    def close_epoch(self, record: dict[str, float], history: dict[str, list], bar: Any) -> bool:
+        """Record the epoch; return True when training should stop."""
+        for key, value in record.items():
+            history[key].append(value)
+        monitored = record.get("elbo_validation", record["elbo_train"])
+        bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
+                        elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
+        if monitored < self.best - self.config.early_stopping_min_delta:
+            self.best, self.since_best = monitored, 0
+        else:
+            self.since_best += 1
+        return self.config.early_stopping and self.since_best >= self.config.early_stopping_patience
+
 def train_module(module: nn.Module, cells: CellData, config: TrainConfig, history: dict[str, list] | None = None
                  ) -> dict[str, list]:
     """Train ``module`` on ``cells``; append per-epoch records to ``history`` and return it.
@@ -153,7 +176,7 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
     history = history if history is not None else defaultdict(list)
     history = defaultdict(list, history)
     start_epoch = len(history.get("epoch", []))
-    best, since_best = math.inf, 0
+    stopper = EpochLog(config)
 
     from tqdm.auto import tqdm
 
@@ -183,16 +206,7 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
                 record.update(_record(evaluate_loss(module, cells, val_idx, kl_weight, device), val_idx.size,
                                       "validation"))
             record["epoch_seconds"] = time.perf_counter() - t0
-            for key, value in record.items():
-                history[key].append(value)
-            monitored = record.get("elbo_validation", record["elbo_train"])
-            bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
-                            elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
-            if monitored < best - config.early_stopping_min_delta:
-                best, since_best = monitored, 0
-            else:
-                since_best += 1
-            if config.early_stopping and since_best >= config.early_stopping_patience:
+            if stopper.close_epoch(record, history, bar):
                 break
         bar.close()
     module.eval()
