@@ -191,7 +191,9 @@ def evaluate_all(args: argparse.Namespace, names: list[str]) -> None:
 def markdown(frame) -> str:  # noqa: ANN001
     """A pipe table of ``frame`` (no tabulate dependency); floats to 3 decimals."""
     def cell(v) -> str:  # noqa: ANN001
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.3f}"  # counts as integers
+        return str(v)
 
     rows = [["metric", *map(str, frame.columns)], ["---"] + ["---:"] * len(frame.columns)]
     rows += [[str(idx), *map(cell, row)] for idx, row in zip(frame.index, frame.to_numpy().tolist(), strict=True)]
