@@ -19,14 +19,14 @@ per-batch dispersions, per-batch background priors): surgery extends them all in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlasmap.models.scvi_module import LossTerms, NormWhere, kl_normal_standard
+from atlasmap.models.scvi_module import LossTerms, NormWhere, SCVIConfig, _norm_flags, kl_normal_standard
 from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear
 from atlasmap.nn.likelihoods import log_nb, log_zinb
 
@@ -64,23 +64,9 @@ class TOTALVIConfig:
         """Encoder depth (the summary shown by ``repr`` and ``atlasmap info``)."""
         return self.n_layers_encoder
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["n_categories"] = list(self.n_categories)
-        return d
+    to_dict = SCVIConfig.to_dict
+    from_dict = classmethod(SCVIConfig.from_dict.__func__)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TOTALVIConfig:
-        d = dict(d)
-        d["n_categories"] = tuple(d["n_categories"])
-        return cls(**d)
-
-
-def _norm_flags(cfg: TOTALVIConfig, part: str) -> dict[str, bool]:
-    return {
-        "use_batch_norm": cfg.use_batch_norm in (part, "both"),
-        "use_layer_norm": cfg.use_layer_norm in (part, "both"),
-    }
 
 
 def kl_normal_elementwise(mean: torch.Tensor, var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
