@@ -72,6 +72,16 @@ def kl_normal_normal(mean: torch.Tensor, var: torch.Tensor, p_mean: torch.Tensor
     return 0.5 * (torch.log(p_var / var) + (var + (mean - p_mean).pow(2)) / p_var - 1.0).sum(-1)
 
 
+
+def hold_frozen_in_eval(module: nn.Module) -> None:
+    """After ``module.train()``: keep the norm layers and dropout that surgery froze in eval mode."""
+    for m in module.frozen_norms:
+        m.eval()
+    if module.dropout_frozen:
+        for m in module.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+
 @dataclass
 class LossTerms:
     """Loss of one minibatch: the scalar to minimise and per-cell terms for the history."""
@@ -151,12 +161,7 @@ class SCVIModule(nn.Module):
     def train(self, mode: bool = True) -> SCVIModule:
         super().train(mode)
         if mode:
-            for m in self.frozen_norms:
-                m.eval()
-            if self.dropout_frozen:
-                for m in self.modules():
-                    if isinstance(m, nn.Dropout):
-                        m.eval()
+            hold_frozen_in_eval(self)
         return self
 
     # ------------------------------------------------------------------ model

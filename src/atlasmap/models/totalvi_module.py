@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlasmap.models.scvi_module import LossTerms, NormWhere, SCVIConfig, _norm_flags, kl_normal_standard
+from atlasmap.models.scvi_module import (
+    LossTerms,
+    NormWhere,
+    SCVIConfig,
+    _norm_flags,
+    hold_frozen_in_eval,
+    kl_normal_standard,
+)
 from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear
 from atlasmap.nn.likelihoods import log_nb, log_zinb
 
@@ -190,12 +197,7 @@ class TOTALVIModule(nn.Module):
     def train(self, mode: bool = True) -> TOTALVIModule:
         super().train(mode)
         if mode:
-            for m in self.frozen_norms:
-                m.eval()
-            if self.dropout_frozen:
-                for m in self.modules():
-                    if isinstance(m, nn.Dropout):
-                        m.eval()
+            hold_frozen_in_eval(self)
         return self
 
     # ------------------------------------------------------------------ model
