@@ -62,7 +62,13 @@ def _env() -> dict[str, str]:
 def _torchrun(target: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *target]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Known intermittent abort of a rank at interpreter teardown (a native thread still joinable at
+        # exit; open bug, see the closing note). Run once more with a fresh port; results are checked as usual.
+        cmd[cmd.index("--master-port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return proc
 
 
 def _history(model_dir: Path) -> dict[str, list[float]]:
