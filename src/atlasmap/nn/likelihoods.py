@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from atlasmap.nn import kernel
+
 
 def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Negative binomial log-probability."""
@@ -72,7 +74,9 @@ SPARSE_DENSITY = 0.25
 class _CountGammas:
     """``lgamma(x + theta) - lgamma(theta)`` and ``digamma(x + theta) - digamma(theta)``: the two most
     expensive elementwise functions of the NB likelihood. Both are exactly zero where ``x == 0``, so on
-    sparse minibatches they run on the nonzero entries only (found once, shared by forward and gradient)."""
+    sparse minibatches they run on the nonzero entries only (found once, shared by forward and gradient).
+    Both are differences of two large numbers when ``theta`` or ``x`` is large, so they are evaluated in
+    float64 and returned in the dtype of ``x``."""
 
     def __init__(self, x: torch.Tensor, theta: torch.Tensor) -> None:
         self.x, self.theta = x, theta
@@ -88,25 +92,27 @@ class _CountGammas:
                 th = theta.take(self.idx % n_genes)
             else:
                 th = theta.expand_as(x).reshape(-1).take(self.idx)
-            self.theta_nz = th
-            self.y = flat.take(self.idx).add_(th)
+            self.theta_nz = th.double()
+            self.y = flat.take(self.idx).double().add_(self.theta_nz)
         else:
-            self.y = x + theta
+            self.y = x.double() + theta.double()
 
     def lgamma_cell_sum(self) -> torch.Tensor:
         """Per-cell ``sum_g lgamma(x + theta) - lgamma(theta)``."""
         if self.sparse:
             values = torch.lgamma(self.y).sub_(torch.lgamma(self.theta_nz))
             out = torch.zeros(self.x.shape[0], dtype=values.dtype, device=values.device)
-            return out.index_add_(0, torch.div(self.idx, self.x.shape[-1], rounding_mode="floor"), values)
-        return (torch.lgamma(self.y) - torch.lgamma(self.theta)).sum(-1)
+            out.index_add_(0, torch.div(self.idx, self.x.shape[-1], rounding_mode="floor"), values)
+            return out.to(self.x.dtype)
+        return (torch.lgamma(self.y) - torch.lgamma(self.theta.double())).sum(-1).to(self.x.dtype)
 
     def add_digamma_(self, out: torch.Tensor) -> torch.Tensor:
         """``out += digamma(x + theta) - digamma(theta)`` (``out`` has the shape of ``x``)."""
         if self.sparse:
-            out.view(-1).index_add_(0, self.idx, torch.digamma(self.y).sub_(torch.digamma(self.theta_nz)))
+            diff = torch.digamma(self.y).sub_(torch.digamma(self.theta_nz))
+            out.view(-1).index_add_(0, self.idx, diff.to(out.dtype))
             return out
-        return out.add_(torch.digamma(self.y)).sub_(torch.digamma(self.theta))
+        return out.add_((torch.digamma(self.y) - torch.digamma(self.theta.double())).to(out.dtype))
 
 
 def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None,
@@ -125,8 +131,11 @@ def _nb_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits:
     cell = lgamma_theta_term if lgamma_theta_term is not None else gammas.lgamma_cell_sum()
     tme = mu + theta
     tme.add_(_EPS)  # theta + mu + eps
-    a = torch.log(tme)
-    la = torch.log(theta + _EPS) - a  # log(theta + eps) - log(theta + mu + eps)
+    # la = log(theta + eps) - log(theta + mu + eps) as -log1p(mu / (theta + eps)): theta * la stays accurate
+    # for the large inverse dispersions of Poisson-like genes (a difference of two logs would not)
+    l1p = torch.log1p(mu / (theta + _EPS))
+    a = torch.log(theta + _EPS) + l1p  # log(theta + mu + eps)
+    la = l1p.neg_()
     u = la * theta  # theta * (log theta - log(theta + mu)): log P(x = 0) under the NB
     f = torch.log(mu + _EPS).sub_(a).mul_(x)  # x * (log mu - log(theta + mu))
     d = None
@@ -199,6 +208,35 @@ class _FusedNLL(torch.autograd.Function):
         return None, grad_mu, grad_theta, grad_pi, None, None
 
 
+class _KernelNLL(torch.autograd.Function):
+    """:func:`nb_nll` through the compiled kernel (:mod:`atlasmap.nn.kernel`): one pass computes the
+    values and the gradients autograd asks for; the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,  # type: ignore[override]
+                pi_logits: torch.Tensor | None, const: torch.Tensor | None,
+                lgamma_theta_term: torch.Tensor | None) -> torch.Tensor:
+        need = tuple(bool(n) for n in ctx.needs_input_grad[1:4])
+        nll, g_mu, g_theta, g_pi = kernel.nb_nll(x, mu, theta, pi_logits, const, lgamma_theta_term, need)
+        ctx.theta_shape = theta.shape
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (g_mu, g_theta, g_pi)))
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g_mu, g_theta, g_pi = ctx.saved_tensors
+        scale = grad_out.unsqueeze(-1)
+        grad_mu = g_mu.mul_(scale) if ctx.needs_input_grad[1] else None  # the buffers are ours: scale in place
+        grad_theta = None
+        if ctx.needs_input_grad[2]:
+            if g_theta.shape != ctx.theta_shape:  # one value per gene: one GEMV sums over cells
+                grad_theta = (grad_out @ g_theta).reshape(ctx.theta_shape)
+            else:
+                grad_theta = g_theta.mul_(scale)
+        grad_pi = g_pi.mul_(scale) if ctx.needs_input_grad[3] else None
+        return None, grad_mu, grad_theta, grad_pi, None, None
+
+
 def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None = None,
            log_x_fact: torch.Tensor | None = None, lgamma_theta_term: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell negative log-likelihood ``-sum_g log p(x_g)`` of the (zero-inflated, when ``pi_logits`` is
@@ -208,6 +246,7 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
 
     ``log_x_fact`` is :func:`log_factorial_sum` of ``x`` if already known (it depends on data only);
     ``lgamma_theta_term`` is :func:`lgamma_theta_sum` if already known (constant when ``theta`` is frozen).
+    float32 CPU minibatches go through the compiled kernel (:mod:`atlasmap.nn.kernel`) when it is installed.
     """
     if log_x_fact is None:
         log_x_fact = log_factorial_sum(x)
@@ -215,6 +254,10 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
         raise ValueError("lgamma_theta_term can only be given when theta needs no gradient")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (mu, theta, pi_logits))
+    if kernel.usable(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term):
+        if not needs_grad:
+            return kernel.nb_nll(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term)[0]
+        return _KernelNLL.apply(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term)
     if not needs_grad:
         f, cell, _ = _nb_terms(x, mu, theta, pi_logits, lgamma_theta_term=lgamma_theta_term)
         return log_x_fact - f.sum(-1) - cell
@@ -223,4 +266,6 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``sum_g lgamma(x_g + theta_g) - lgamma(theta_g)`` of each cell (the NB term that needs no ``mu``)."""
+    if kernel.usable(x, x, theta, None):
+        return kernel.lgamma_theta_sum(x, theta)
     return _CountGammas(x, theta).lgamma_cell_sum()
