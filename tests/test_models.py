@@ -146,6 +146,25 @@ def test_train_size_one_has_no_validation(ref_adata: Any) -> None:
     assert len(model.history["elbo_train"]) == 2
 
 
+def test_validation_every_n_epochs(ref_adata: Any, tmp_path: Any) -> None:
+    """check_val_every_n_epoch=3 over 7 epochs validates epochs 3, 6 and the last; the others hold None,
+    which survives save/load and plots; the training path is unchanged (same weights as validating always)."""
+    sparse = train_reference(ref_adata, epochs=7, train_kwargs={"check_val_every_n_epoch": 3})
+    dense = train_reference(ref_adata, epochs=7)
+    seen = [v is not None for v in sparse.history["elbo_validation"]]
+    assert seen == [False, False, True, False, False, True, True]
+    for i, ok in enumerate(seen):
+        if ok:
+            assert sparse.history["elbo_validation"][i] == dense.history["elbo_validation"][i]
+    assert sparse.history["elbo_train"] == dense.history["elbo_train"]
+    sparse.save(tmp_path / "m")
+    assert atlasmap.SCVI.load(tmp_path / "m").history["elbo_validation"] == sparse.history["elbo_validation"]
+    from atlasmap.plots import plot_training_curves
+
+    plot_training_curves({"reference": sparse.history}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_query_history_starts_fresh(query_model: Any, ref_model: Any) -> None:
     assert query_model.history["epoch"] == list(range(8))
     assert len(ref_model.history["epoch"]) == 8
@@ -174,6 +193,7 @@ def test_no_early_stopping_runs_all_epochs(ref_adata: Any) -> None:
     ({"batch_size": 1}, "batch_size must be at least 2"),
     ({"train_size": 0.0}, r"train_size must be in \(0, 1\]"),
     ({"lr": -1.0}, "lr must be positive"),
+    ({"check_val_every_n_epoch": 0}, "check_val_every_n_epoch must be at least 1"),
     ({"device": "tpu:7"}, "unknown device"),
 ])
 def test_bad_train_arguments(ref_adata: Any, kwargs: dict, match: str) -> None:

@@ -297,7 +297,14 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
     from torch.nn.parallel import DistributedDataParallel
 
     from atlasmap import train as train_mod
-    from atlasmap.train import EpochLog, kl_weight_at, split_cells, trainable_parameters
+    from atlasmap.train import (
+        EpochLog,
+        kl_weight_at,
+        skipped_validation,
+        split_cells,
+        trainable_parameters,
+        validation_rng,
+    )
 
     ctx = ctx or _CONTEXT
     if ctx is None or not dist.is_initialized():
@@ -354,10 +361,12 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
                 )
             record = {"epoch": start_epoch + epoch, "kl_weight": kl_weight}
             record.update(_record(totals, "train"))
-            if val_idx.size:
+            if val_idx.size and not config.validates(epoch):
+                record.update(skipped_validation())
+            elif val_idx.size:
                 module.eval()
                 val = np.zeros(4)
-                with torch.no_grad():
+                with torch.no_grad(), validation_rng(config, epoch, device):
                     for batch in epoch_batches(cells, val_idx, 1024, rng=None, device=device, shuffle=False,
                                                rank=ctx.rank, world_size=ctx.world_size):
                         val += wrapper(batch, kl_weight, 1.0)[1].cpu().numpy()

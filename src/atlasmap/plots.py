@@ -236,9 +236,13 @@ def plot_training_curves(histories: dict[str, dict[str, list]], path: str | Path
         ax.plot(epochs, train, label=f"train (last {train[-1]:.1f})", color=REFERENCE_COLOR, lw=1.6)
         curves = [train]
         if hist.get("elbo_validation"):
-            val = np.asarray(hist["elbo_validation"], dtype=float)
-            ax.plot(epochs[: len(val)], val, label=f"validation (last {val[-1]:.1f})", color=QUERY_COLOR, lw=1.6)
-            curves.append(val)
+            val = np.asarray(hist["elbo_validation"], dtype=float)  # None (not validated that epoch) -> NaN
+            seen = np.isfinite(val)
+            if seen.any():
+                sparse = not seen.all()  # check_val_every_n_epoch > 1: join the validated epochs, mark them
+                ax.plot(epochs[: len(val)][seen], val[seen], label=f"validation (last {val[seen][-1]:.1f})",
+                        color=QUERY_COLOR, lw=1.6, marker="o" if sparse else None, ms=3)
+                curves.append(val[seen])
         values = np.concatenate([c[min(len(c) - 1, max(2, len(c) // 20)):] for c in curves])
         values = values[np.isfinite(values)]
         if values.size:

@@ -115,7 +115,7 @@ def write_report(
 def store_histories(adata: Any, histories: dict[str, dict[str, list]]) -> None:
     """Keep training histories in ``adata.uns["atlasmap"]["history"]`` (JSON text, so any .h5ad writer takes
     it) for ``atlasmap evaluate`` to plot later."""
-    slim = {name: {key: [float(v) for v in values] for key, values in hist.items()
+    slim = {name: {key: [float("nan") if v is None else float(v) for v in values] for key, values in hist.items()
                    if key in ("epoch", "elbo_train", "elbo_validation", "kl_weight")}
             for name, hist in histories.items() if hist}
     uns = dict(adata.uns.get("atlasmap", {}))

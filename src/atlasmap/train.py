@@ -4,10 +4,12 @@ early stopping, per-epoch history and a progress bar. Works for any module whose
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     progress_bar: bool = True
+    check_val_every_n_epoch: int = 1
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -47,6 +50,15 @@ class TrainConfig:
             raise InputError(f"train_size must be in (0, 1], got {self.train_size}.")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}.")
+        if self.check_val_every_n_epoch < 1:
+            raise InputError(f"check_val_every_n_epoch must be at least 1, got {self.check_val_every_n_epoch}.")
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based, of this call) computes the validation loss: every
+        ``check_val_every_n_epoch``-th epoch and the last one; every epoch under early stopping, which
+        monitors it."""
+        return (self.early_stopping or (epoch + 1) % self.check_val_every_n_epoch == 0
+                or epoch == self.max_epochs - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,9 +142,11 @@ class EpochLog:
         """Record the epoch; return True when training should stop."""
         for key, value in record.items():
             history[key].append(value)
-        monitored = record.get("elbo_validation", record["elbo_train"])
-        bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}",
-                        elbo_val=f"{record.get('elbo_validation', float('nan')):.1f}")
+        monitored = record.get("elbo_validation")
+        if monitored is None:  # no validation set, or not validated this epoch
+            monitored = record["elbo_train"]
+        val = record.get("elbo_validation")
+        bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}", elbo_val=f"{val if val is not None else float('nan'):.1f}")
         if monitored < self.best - self.config.early_stopping_min_delta:
             self.best, self.since_best = monitored, 0
         else:
@@ -202,15 +216,33 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
                 )
             record = {"epoch": start_epoch + epoch, "kl_weight": kl_weight}
             record.update(_record(totals, train_idx.size, "train"))
-            if val_idx.size:
-                record.update(_record(evaluate_loss(module, cells, val_idx, kl_weight, device), val_idx.size,
-                                      "validation"))
+            if val_idx.size and config.validates(epoch):
+                with validation_rng(config, epoch, device):
+                    val = evaluate_loss(module, cells, val_idx, kl_weight, device)
+                record.update(_record(val, val_idx.size, "validation"))
+            elif val_idx.size:
+                record.update(skipped_validation())
             record["epoch_seconds"] = time.perf_counter() - t0
             if stopper.close_epoch(record, history, bar):
                 break
         bar.close()
     module.eval()
     return dict(history)
+
+
+@contextlib.contextmanager
+def validation_rng(config: TrainConfig, epoch: int, device: torch.device) -> Iterator[None]:
+    """The validation ELBO samples z; seed that from (seed, epoch) on a forked generator, so validating
+    (or not, see ``check_val_every_n_epoch``) never changes the training's random stream."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed + 7919 * (epoch + 1))
+        yield
+
+
+def skipped_validation() -> dict[str, None]:
+    """History entries of an epoch that did not compute the validation loss (``None``; NaN in plots)."""
+    return {key: None for key in ("validation_loss", "elbo_validation", "reconstruction_loss_validation",
+                                  "kl_local_validation")}
 
 
 def _sums(terms: Any) -> np.ndarray:

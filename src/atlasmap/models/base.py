@@ -125,6 +125,7 @@ class BaseModel:
         seed: int = 0,
         device: str = "auto",
         progress_bar: bool = True,
+        check_val_every_n_epoch: int = 1,
     ) -> BaseModel:
         """Train the model on its AnnData.
 
@@ -146,6 +147,9 @@ class BaseModel:
             ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         progress_bar
             Show a tqdm progress bar.
+        check_val_every_n_epoch
+            Compute the validation loss every this many epochs (and in the last one; every epoch under
+            early stopping). Epochs without it have ``None`` in the validation entries of :attr:`history`.
 
         Returns
         -------
@@ -158,7 +162,7 @@ class BaseModel:
             max_epochs=max_epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience, seed=seed,
-            device=device, progress_bar=progress_bar,
+            device=device, progress_bar=progress_bar, check_val_every_n_epoch=check_val_every_n_epoch,
         )
         self.history = train_module(self.module, cells, config, self.history)
         self.is_trained = True

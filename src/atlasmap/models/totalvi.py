@@ -305,6 +305,7 @@ class TOTALVI(BaseModel):
         seed: int = 0,
         device: str = "auto",
         progress_bar: bool = True,
+        check_val_every_n_epoch: int = 1,
     ) -> TOTALVI:
         """Train on the model's AnnData (see :meth:`atlasmap.SCVI.train`); defaults follow scvi-tools' totalVI.
 
@@ -320,6 +321,7 @@ class TOTALVI(BaseModel):
             max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, device=device, progress_bar=progress_bar,
+            check_val_every_n_epoch=check_val_every_n_epoch,
         )
         return self
 
