@@ -9,8 +9,11 @@ import sys
 from setuptools import Extension, setup
 
 # -fno-math-errno lets the compiler call glibc's vector math (libmvec); no -ffast-math, so NaN and inf
-# keep their IEEE meaning. -fopenmp-simd only honours the `omp simd` pragmas: no OpenMP runtime is linked.
-flags = [] if sys.platform == "win32" else ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+# keep their IEEE meaning. On Linux -fopenmp: the library then needs libgomp.so.1, which resolves to the
+# copy PyTorch's Linux wheels load first, so the kernel runs on PyTorch's own OpenMP threads. Elsewhere
+# only the `omp simd` pragmas are honoured (-fopenmp-simd) and the kernel runs on one thread.
+openmp = ["-fopenmp"] if sys.platform.startswith("linux") else ["-fopenmp-simd"]
+flags = [] if sys.platform == "win32" else ["-O3", "-fno-math-errno", "-fno-trapping-math", *openmp]
 
 setup(
     ext_modules=[
@@ -18,6 +21,7 @@ setup(
             "atlasmap.nn._nbkernel",
             sources=["src/atlasmap/nn/_nbkernel.c"],
             extra_compile_args=flags,
+            extra_link_args=openmp if sys.platform.startswith("linux") else [],
             libraries=[] if sys.platform == "win32" else ["m"],
             optional=True,
         )

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     times["setup"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model.train(max_epochs=args.epochs_ref, **train_kw)
+    # validation only in the last epoch, as the scvi-tools run (check_val_every_n_epoch=max_epochs)
+    model.train(max_epochs=args.epochs_ref, check_val_every_n_epoch=args.epochs_ref, **train_kw)
     times["ref_train_total"] = time.perf_counter() - t
     ref_epochs = list(model.history["epoch_seconds"])
     times["ref_epoch_median"] = statistics.median(ref_epochs)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         times["surgery"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    qmodel.train(max_epochs=args.epochs_query, **train_kw)
+    qmodel.train(max_epochs=args.epochs_query, check_val_every_n_epoch=args.epochs_query, **train_kw)
     times["query_train_total"] = time.perf_counter() - t
     query_epochs = list(qmodel.history["epoch_seconds"])
     times["query_epoch_median"] = statistics.median(query_epochs)

@@ -211,3 +211,42 @@ def test_portable_math_build_matches_float64(portable_build: object, zero_inflat
 def test_log_factorial_sum_is_the_data_constant() -> None:
     x = torch.tensor([[0.0, 1.0, 2.0, 5.0]])
     assert np.isclose(L.log_factorial_sum(x).item(), np.log(2) + np.log(120))
+
+
+@pytest.mark.parametrize("zero_inflated", [True, False])
+def test_softmax_fused_likelihood_matches_float64_autograd(implementation: str, zero_inflated: bool) -> None:
+    """nb_nll_logits (mean = exp(library) * softmax(logits), scVI's decoder) against float64 autograd
+    through the softmax: values and the gradients of logits, library, theta and pi."""
+    x, _, theta, pi = make_inputs()
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(x.shape, generator=gen) * 2
+    log_lib = torch.log(x.sum(1, keepdim=True) + 50)
+    pi = pi if zero_inflated else None
+    weights = torch.rand(x.shape[0], generator=gen) + 0.5
+    leaves64 = [t.double().clone().requires_grad_(True) if t is not None else None
+                for t in (logits, log_lib, theta, pi)]
+    mu64 = torch.exp(leaves64[1]) * torch.softmax(leaves64[0], dim=-1)
+    xd = x.double()
+    logp = L.log_zinb(xd, mu64, leaves64[2], leaves64[3]) if zero_inflated else L.log_nb(xd, mu64, leaves64[2])
+    want = -logp.sum(-1)
+    (want * weights.double()).sum().backward()
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (logits, log_lib, theta, pi)]
+    got = L.nb_nll_logits(x, *leaves)
+    (got * weights).sum().backward()
+    close(got, want.detach(), 1e-5)
+    for leaf, ref in zip(leaves, leaves64, strict=True):
+        if leaf is not None:
+            assert leaf.grad.shape == leaf.shape
+            close(leaf.grad, ref.grad, 5e-5)
+
+
+def test_softmax_fused_likelihood_without_gradients_and_with_frozen_theta(implementation: str) -> None:
+    x, _, theta, pi = make_inputs()
+    logits = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    log_lib = torch.log(x.sum(1) + 50)
+    plain = L.nb_nll(x, torch.exp(log_lib)[:, None] * torch.softmax(logits, -1), theta, pi)
+    with torch.no_grad():
+        close(L.nb_nll_logits(x, logits, log_lib, theta, pi), plain.double(), 1e-5)
+    pre = L.nb_nll_logits(x, logits.clone().requires_grad_(True), log_lib, theta, pi,
+                          lgamma_theta_term=L.lgamma_theta_sum(x, theta))
+    close(pre, plain.double(), 1e-5)

@@ -43,7 +43,7 @@ from atlasmap.data.align import (
     encode_categories,
     reorder_genes,
 )
-from atlasmap.data.loader import Batch, log_factorial_rows, minibatches
+from atlasmap.data.loader import Batch, log_factorial_rows, log_library_sizes, minibatches
 from atlasmap.data.registry import Registry, check_anndata, check_library_sizes, validate_counts
 from atlasmap.errors import AtlasmapError, InputError
 
@@ -676,6 +676,7 @@ def prepare_backed_cells(
         "cat": torch.from_numpy(encode_categories(adata, registry, key_map)),
         "cont": torch.from_numpy(continuous_matrix(adata, registry)),
         "log_x_fact": torch.from_numpy(per_cell["log_x_fact"]),
+        "log_library": log_library_sizes(per_cell["library"]),
     }
     return BackedCells(_open_counts(adata, registry.layer), alignment, fields, per_cell["library"], options,
                        canonical=bool(per_cell["canonical"]))

@@ -97,6 +97,13 @@ def gather_csr_rows(csr: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def log_library_sizes(totals: np.ndarray) -> torch.Tensor:
+    """``log(sum_g x_g)`` of each cell as float32: the observed library size the encoder and decoder use,
+    computed once per dataset instead of a cells x genes sum in every step (in-memory and backed data
+    share this function, so both give the same bits)."""
+    return torch.log(torch.as_tensor(np.asarray(totals, dtype=np.float32)))
+
+
 def log_factorial_rows(csr: sp.csr_matrix) -> np.ndarray:
     """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing)."""
     from scipy.special import gammaln
@@ -133,6 +140,7 @@ def prepare_cells(
         # sum_g log(x_g!): the data-only part of count likelihoods, summed over the nonzeros once here
         # instead of a cells x genes lgamma in every training step
         "log_x_fact": torch.from_numpy(log_factorial_rows(counts)),
+        "log_library": log_library_sizes(totals),
     }
     if counts.shape[0] * counts.shape[1] * 4 <= dense_budget_bytes:
         counts = torch.from_numpy(counts.toarray())

@@ -132,7 +132,7 @@ class SCANVIModule(SCVIModule):
 
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
         inf = self.inference(batch)
-        px = self.generative(inf["z"], inf["library"], batch["cat"], batch["cont"])
+        px = self.generative(inf["z"], inf["library"], batch["cat"], batch["cont"], logits_only=True)
         reconst = self.reconstruction_loss(batch["x"], px, batch)
         kl_l = torch.zeros_like(reconst)
         if not self.config.use_observed_lib_size:

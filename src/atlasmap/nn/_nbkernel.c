@@ -21,13 +21,15 @@
  *            x >  0 : ptl - softplus(-pi) + x (log(mu + eps) - a)       (+ lgamma terms)
  * and the kernel writes nll = const - sum_g f (per cell) and d nll / d (mu, theta, pi) per element.
  *
- * The library is loaded with ctypes (no Python C API): ctypes releases the GIL, so Python threads can run
- * disjoint row ranges in parallel. Plain C, no code is generated or loaded at run time.
+ * The library is loaded with ctypes (no Python C API). Plain C, no code is generated or loaded at run time.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* AVX-512, AVX2/FMA and baseline versions of each loop; the dynamic loader picks one for the CPU. */
@@ -279,7 +281,7 @@ ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, con
 }
 
 /*
- * Rows [row_begin, row_end) of an n x g minibatch (all arrays C-contiguous float32).
+ * Rows [row_begin, row_end) of an n x g minibatch (all arrays C-contiguous float32); see atlasmap_nb_nll.
  *
  * theta has g entries per row and row stride theta_stride (0: one value per gene shared by all rows, g:
  * per cell and gene). pi, g_mu, g_theta, g_pi may be NULL (not zero-inflated / gradient not wanted).
@@ -289,11 +291,43 @@ ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, con
  *
  * Returns 0, or -1 when scratch memory could not be allocated.
  */
-int atlasmap_nb_nll(int64_t row_begin, int64_t row_end, int64_t g, const float *x, const float *mu,
-                    const float *theta, int64_t theta_stride, const float *pi, const float *const_term,
-                    const float *lgamma_cell, float *nll, float *g_mu, float *g_theta, float *g_pi) {
-    const int zi = pi != NULL;
-    const int want_mu = g_mu != NULL, want_t = g_theta != NULL, want_pi = zi && g_pi != NULL;
+/* softmax of one row of logits, kept as its parts: e_j = exp(s_j - max s), returns sum_j e_j. */
+ATLASMAP_CLONES static float softmax_parts(int64_t g, const float *restrict s, float *restrict e) {
+    float top = s[0];
+    for (int64_t j = 1; j < g; j++) top = s[j] > top ? s[j] : top;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < g; j++) {
+        e[j] = EXPF(s[j] - top);
+        total += e[j];
+    }
+    return total;
+}
+
+/* mu_j = scale * e_j */
+ATLASMAP_CLONES static void scale_row(int64_t g, const float *restrict e, float scale, float *restrict mu) {
+    for (int64_t j = 0; j < g; j++) mu[j] = e[j] * scale;
+}
+
+/* d NLL / d s_j = mu_j gm_j - p_j sum_k mu_k gm_k (p = softmax(s) = e / e_sum); returns sum_k mu_k gm_k,
+ * which is d NLL / d log_library. */
+ATLASMAP_CLONES static float logits_gradient(int64_t g, const float *restrict mu, const float *restrict gm,
+                                             const float *restrict e, float e_sum, float *restrict g_s) {
+    float q = 0.0f;
+#pragma omp simd reduction(+ : q)
+    for (int64_t j = 0; j < g; j++) q += mu[j] * gm[j];
+    const float qp = q / e_sum;
+    for (int64_t j = 0; j < g; j++) g_s[j] = mu[j] * gm[j] - e[j] * qp;
+    return q;
+}
+
+static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, const float *x, const float *mu,
+                       const float *logits, const float *log_lib, const float *theta, int64_t theta_stride,
+                       const float *pi, const float *const_term, const float *lgamma_cell, float *nll,
+                       float *g_mu, float *g_logits, float *g_log_lib, float *g_theta, float *g_pi) {
+    const int zi = pi != NULL, from_logits = logits != NULL;
+    const int want_logits = from_logits && (g_logits != NULL || g_log_lib != NULL);
+    const int want_mu = g_mu != NULL || want_logits, want_t = g_theta != NULL, want_pi = zi && g_pi != NULL;
     const int any_grad = want_mu || want_t || want_pi;
     /* Specialised loops for the combinations training uses; any other one computes every gradient and
      * sends the unwanted ones to scratch rows. */
@@ -301,7 +335,7 @@ int atlasmap_nb_nll(int64_t row_begin, int64_t row_end, int64_t g, const float *
     if (any_grad) row = zi ? (want_t ? row_zinb_mu_t_pi : row_zinb_mu_pi) : (want_t ? row_nb_mu_t : row_nb_mu);
 
     double *lgamma_t = malloc(sizeof(double) * 2 * (size_t)g);
-    float *buf = malloc(sizeof(float) * 8 * (size_t)g);
+    float *buf = malloc(sizeof(float) * 11 * (size_t)g);
     if (buf == NULL || lgamma_t == NULL) {
         free(buf);
         free(lgamma_t);
@@ -312,16 +346,24 @@ int atlasmap_nb_nll(int64_t row_begin, int64_t row_end, int64_t g, const float *
     float *s_mu = buf + 2 * g, *s_t = buf + 3 * g, *s_pi = buf + 4 * g;  /* gradients nobody asked for */
     float *lg_work = buf + 5 * g, *dg_work = buf + 6 * g;
     int32_t *nz = (int32_t *)(buf + 7 * g);
+    float *mu_row = buf + 8 * g, *e_row = buf + 9 * g, *g_s_row = buf + 10 * g;  /* from logits */
     const int need_gammas = lgamma_cell == NULL || want_t;
 
     for (int64_t c = row_begin; c < row_end; c++) {
-        const float *xr = x + c * g, *mr = mu + c * g, *tr = theta + c * theta_stride;
+        const float *xr = x + c * g, *tr = theta + c * theta_stride;
+        const float *mr = mu + c * g;
+        float e_sum = 1.0f;
+        if (from_logits) {  /* mu = exp(log_lib) * softmax(logits), never stored */
+            e_sum = softmax_parts(g, logits + c * g, e_row);
+            scale_row(g, e_row, EXPF(log_lib[c]) / e_sum, mu_row);
+            mr = mu_row;
+        }
         if (c == row_begin || theta_stride != 0) {
             theta_tables(g, tr, log_t, inv_t);
             if (need_gammas)
                 for (int64_t j = 0; j < g; j++) lgamma_t[j] = NAN;  /* filled lazily, on nonzero counts */
         }
-        float *gm = want_mu ? g_mu + c * g : s_mu;
+        float *gm = g_mu != NULL ? g_mu + c * g : s_mu;
         float *gt = want_t ? g_theta + c * g : s_t;
         float *gp = want_pi ? g_pi + c * g : s_pi;
         double total = row(g, xr, mr, tr, log_t, inv_t, zi ? pi + c * g : NULL, gm, gt, gp);
@@ -332,6 +374,10 @@ int atlasmap_nb_nll(int64_t row_begin, int64_t row_end, int64_t g, const float *
         }
         if (lgamma_cell != NULL) total += lgamma_cell[c];
         nll[c] = (float)((const_term != NULL ? (double)const_term[c] : 0.0) - total);
+        if (want_logits) {
+            const float q = logits_gradient(g, mr, gm, e_row, e_sum, g_logits != NULL ? g_logits + c * g : g_s_row);
+            if (g_log_lib != NULL) g_log_lib[c] = q;
+        }
     }
     free(buf);
     free(lgamma_t);
@@ -339,8 +385,8 @@ int atlasmap_nb_nll(int64_t row_begin, int64_t row_end, int64_t g, const float *
 }
 
 /* sum_g lgamma(x + t) - lgamma(t) of rows [row_begin, row_end) (the NB term that does not involve mu). */
-int atlasmap_lgamma_theta_sum(int64_t row_begin, int64_t row_end, int64_t g, const float *x,
-                              const float *theta, int64_t theta_stride, float *out) {
+static int lgamma_theta_rows(int64_t row_begin, int64_t row_end, int64_t g, const float *x,
+                             const float *theta, int64_t theta_stride, float *out) {
     double *tab = malloc(sizeof(double) * 2 * (size_t)g);
     float *work = malloc(sizeof(float) * 3 * (size_t)g);
     if (tab == NULL || work == NULL) {
@@ -357,4 +403,74 @@ int atlasmap_lgamma_theta_sum(int64_t row_begin, int64_t row_end, int64_t g, con
     free(tab);
     free(work);
     return 0;
+}
+
+/*
+ * Entry points. The n rows are split into n_threads contiguous ranges (each row is computed the same way
+ * whatever the split, so results do not depend on the thread count). Built with -fopenmp, the library
+ * needs libgomp.so.1, which is the copy PyTorch has already loaded: the ranges run on PyTorch's own
+ * OpenMP threads (no second thread pool competing for the cores).
+ *
+ * atlasmap_nb_nll: per-cell NLL of an n x g minibatch and the gradients asked for. The mean is either
+ * mu (n x g) or, when logits is given (mu NULL), exp(log_lib) * softmax(logits) per row (scVI's decoder
+ * output), with gradients g_logits (n x g) and g_log_lib (n) instead of g_mu:
+ * theta has g entries per row and row stride theta_stride (0: one value per gene shared by all rows, g:
+ * per cell and gene). pi, g_mu, g_theta, g_pi may be NULL (not zero-inflated / gradient not wanted).
+ * const_term (per cell, may be NULL) is added to the NLL (sum_g lgamma(x + 1)). lgamma_cell (per cell,
+ * may be NULL) is sum_g lgamma(x + t) - lgamma(t) computed earlier (constant while theta is frozen); when
+ * given the kernel does not recompute it (and g_theta must be NULL).
+ *
+ * Both return 0, or -1 when scratch memory could not be allocated.
+ */
+int atlasmap_nb_nll(int64_t n, int64_t g, const float *x, const float *mu, const float *logits,
+                    const float *log_lib, const float *theta, int64_t theta_stride, const float *pi,
+                    const float *const_term, const float *lgamma_cell, float *nll, float *g_mu, float *g_logits,
+                    float *g_log_lib, float *g_theta, float *g_pi, int n_threads) {
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+        const int64_t part = 0, parts = 1;
+        (void)n_threads;
+#endif
+        const int s = nb_nll_rows(n * part / parts, n * (part + 1) / parts, g, x, mu, logits, log_lib, theta,
+                                  theta_stride, pi, const_term, lgamma_cell, nll, g_mu, g_logits, g_log_lib,
+                                  g_theta, g_pi);
+        if (s != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = s;
+        }
+    }
+    return status;
+}
+
+/* Per-cell sum_g lgamma(x + t) - lgamma(t) of an n x g matrix (theta as in atlasmap_nb_nll). */
+int atlasmap_lgamma_theta_sum(int64_t n, int64_t g, const float *x, const float *theta, int64_t theta_stride,
+                              float *out, int n_threads) {
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+        const int64_t part = 0, parts = 1;
+        (void)n_threads;
+#endif
+        const int s = lgamma_theta_rows(n * part / parts, n * (part + 1) / parts, g, x, theta, theta_stride, out);
+        if (s != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = s;
+        }
+    }
+    return status;
 }

@@ -5,8 +5,9 @@ install still succeeds and :mod:`atlasmap.nn.likelihoods` uses its PyTorch imple
 takes float32 CPU tensors; callers check :func:`usable` first. ``ATLASMAP_KERNEL=0`` in the environment
 turns it off (the tests compare both implementations).
 
-ctypes releases the GIL during a call, so large minibatches are split into row ranges that run on
-``torch.get_num_threads()`` Python threads at once (the rows are independent).
+Large minibatches are split into row ranges that run on ``torch.get_num_threads()`` threads of PyTorch's
+own OpenMP pool (the C file is built with ``-fopenmp`` and binds to the libgomp PyTorch has loaded; a
+second thread pool would compete with PyTorch's spinning threads for the same cores).
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
 
-#: Below this many matrix entries a minibatch runs on one thread (thread hand-off costs ~20 us).
+#: Below this many matrix entries a minibatch runs on one thread.
 PARALLEL_MIN_ENTRIES = 1 << 16
 
 _P = ctypes.c_void_p
@@ -29,9 +29,9 @@ _I = ctypes.c_int64
 def load_library(path: str) -> ctypes.CDLL:
     """Load a build of ``_nbkernel.c`` from ``path`` and declare its two functions' signatures."""
     lib = ctypes.CDLL(path)
-    lib.atlasmap_nb_nll.argtypes = [_I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P]
+    lib.atlasmap_nb_nll.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.atlasmap_nb_nll.restype = ctypes.c_int
-    lib.atlasmap_lgamma_theta_sum.argtypes = [_I, _I, _I, _P, _P, _I, _P]
+    lib.atlasmap_lgamma_theta_sum.argtypes = [_I, _I, _P, _P, _I, _P, ctypes.c_int]
     lib.atlasmap_lgamma_theta_sum.restype = ctypes.c_int
     return lib
 
@@ -77,21 +77,12 @@ def usable(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
     return all(_is_plain(t) for t in (x, mu, theta, pi_logits, *per_cell)) and available()
 
 
-@lru_cache(maxsize=1)
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="atlasmap-kernel")
+def _threads(n_rows: int, n_genes: int) -> int:
+    return 1 if n_rows * n_genes < PARALLEL_MIN_ENTRIES else max(1, min(torch.get_num_threads(), n_rows))
 
 
-def _run(call, n_rows: int, n_genes: int) -> None:  # noqa: ANN001
-    """``call(begin, end)`` over all rows, split across threads when the minibatch is large enough."""
-    n_threads = min(torch.get_num_threads(), n_rows)
-    if n_threads <= 1 or n_rows * n_genes < PARALLEL_MIN_ENTRIES:
-        status = [call(0, n_rows)]
-    else:
-        bounds = [n_rows * i // n_threads for i in range(n_threads + 1)]
-        futures = [_pool(n_threads).submit(call, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        status = [f.result() for f in futures]
-    if any(s != 0 for s in status):
+def _check(status: int) -> None:
+    if status != 0:
         raise MemoryError("atlasmap's likelihood kernel could not allocate its scratch memory")
 
 
@@ -116,10 +107,34 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
     g_mu = torch.empty_like(x) if need_mu else None
     g_theta = torch.empty_like(x) if need_theta else None
     g_pi = torch.empty_like(x) if need_pi and pi_logits is not None else None
-    fixed = (g, x.data_ptr(), mu.data_ptr(), theta.data_ptr(), stride, _ptr(pi_logits), _ptr(const),
-             _ptr(lgamma_cell), nll.data_ptr(), _ptr(g_mu), _ptr(g_theta), _ptr(g_pi))
-    _run(lambda lo, hi: lib.atlasmap_nb_nll(lo, hi, *fixed), n, g)
+    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), mu.data_ptr(), None, None, theta.data_ptr(), stride,
+                               _ptr(pi_logits), _ptr(const), _ptr(lgamma_cell), nll.data_ptr(), _ptr(g_mu), None,
+                               None, _ptr(g_theta), _ptr(g_pi), _threads(n, g)))
     return nll, g_mu, g_theta, g_pi
+
+
+def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
+                  pi_logits: torch.Tensor | None, const: torch.Tensor | None, lgamma_cell: torch.Tensor | None,
+                  need: tuple[bool, bool, bool, bool] = (False, False, False, False), lib: ctypes.CDLL | None = None,
+                  ) -> tuple[torch.Tensor, ...]:
+    """:func:`nb_nll` with the mean given as scVI's decoder gives it, ``mu = exp(log_library) *
+    softmax(logits)`` (``log_library`` one value per cell), never materialised: the softmax, the scaling
+    and their backward are part of the kernel's pass. Returns the NLL and, as ``need`` asks, d NLL / d
+    ``logits``, ``log_library`` (per cell), ``theta`` (per entry) and ``pi_logits``."""
+    lib = lib or _library()
+    n, g = x.shape
+    if lgamma_cell is not None and need[2]:
+        raise ValueError("lgamma_cell can only be given when theta needs no gradient")
+    nll = torch.empty(n, dtype=torch.float32)
+    g_logits = torch.empty_like(x) if need[0] else None
+    g_log_lib = torch.empty(n, dtype=torch.float32) if need[1] else None
+    g_theta = torch.empty_like(x) if need[2] else None
+    g_pi = torch.empty_like(x) if need[3] and pi_logits is not None else None
+    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), None, logits.data_ptr(), log_library.data_ptr(),
+                               theta.data_ptr(), theta_stride(x, theta), _ptr(pi_logits), _ptr(const),
+                               _ptr(lgamma_cell), nll.data_ptr(), None, _ptr(g_logits), _ptr(g_log_lib),
+                               _ptr(g_theta), _ptr(g_pi), _threads(n, g)))
+    return nll, g_logits, g_log_lib, g_theta, g_pi
 
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -127,6 +142,6 @@ def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | No
     lib = lib or _library()
     n, g = x.shape
     out = torch.empty(n, dtype=torch.float32)
-    fixed = (g, x.data_ptr(), theta.data_ptr(), theta_stride(x, theta), out.data_ptr())
-    _run(lambda lo, hi: lib.atlasmap_lgamma_theta_sum(lo, hi, *fixed), n, g)
+    _check(lib.atlasmap_lgamma_theta_sum(n, g, x.data_ptr(), theta.data_ptr(), theta_stride(x, theta),
+                                         out.data_ptr(), _threads(n, g)))
     return out

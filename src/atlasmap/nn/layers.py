@@ -93,6 +93,19 @@ class InjectedLinear(nn.Module):
         return out
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn by ``rand_like`` (one vectorised pass) instead of ``bernoulli_``,
+    which is ~1.5x slower on CPU for hidden-layer sizes. Same distribution, same eval behaviour."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
 class FCStack(nn.Module):
     """``n_layers`` x [InjectedLinear → norm → ReLU → dropout], covariates injected into the first layer
     or, with ``deep_injection``, into every layer."""
@@ -132,7 +145,7 @@ class FCStack(nn.Module):
                 self.norms.append(nn.LayerNorm(n_hidden, elementwise_affine=False))
             else:
                 self.norms.append(nn.Identity())
-        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+        self.dropout = Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, cat: torch.Tensor | None, cont: torch.Tensor | None,

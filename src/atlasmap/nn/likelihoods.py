@@ -237,6 +237,57 @@ class _KernelNLL(torch.autograd.Function):
         return None, grad_mu, grad_theta, grad_pi, None, None
 
 
+class _KernelNLLLogits(torch.autograd.Function):
+    """:func:`nb_nll_logits` through the compiled kernel (softmax, library scaling and likelihood fused)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,  # type: ignore[override]
+                theta: torch.Tensor, pi_logits: torch.Tensor | None, const: torch.Tensor | None,
+                lgamma_theta_term: torch.Tensor | None) -> torch.Tensor:
+        need = tuple(bool(n) for n in ctx.needs_input_grad[1:5])
+        nll, *grads = kernel.nb_nll_logits(x, logits, log_library.reshape(-1), theta, pi_logits, const,
+                                           lgamma_theta_term, need)
+        ctx.theta_shape, ctx.library_shape = theta.shape, log_library.shape
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g_logits, g_lib, g_theta, g_pi = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        scale = grad_out.unsqueeze(-1)
+        grad_logits = g_logits.mul_(scale) if need[1] else None
+        grad_lib = (g_lib * grad_out).reshape(ctx.library_shape) if need[2] else None
+        grad_theta = None
+        if need[3]:
+            if g_theta.shape != ctx.theta_shape:
+                grad_theta = (grad_out @ g_theta).reshape(ctx.theta_shape)
+            else:
+                grad_theta = g_theta.mul_(scale)
+        grad_pi = g_pi.mul_(scale) if need[4] else None
+        return None, grad_logits, grad_lib, grad_theta, grad_pi, None, None
+
+
+def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
+                  pi_logits: torch.Tensor | None = None, log_x_fact: torch.Tensor | None = None,
+                  lgamma_theta_term: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nb_nll` with the mean ``mu = exp(log_library) * softmax(logits, -1)`` (scVI's decoder; ``log_library``
+    has one value per cell, shape ``(n,)`` or ``(n, 1)``). Through the compiled kernel the softmax is never
+    materialised; otherwise it is computed and :func:`nb_nll` called."""
+    if log_x_fact is None:
+        log_x_fact = log_factorial_sum(x)
+    lib_flat = log_library.reshape(-1)
+    if kernel.usable(x, logits, theta, pi_logits, log_x_fact, lgamma_theta_term, lib_flat):
+        if lgamma_theta_term is not None and theta.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lgamma_theta_term can only be given when theta needs no gradient")
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (logits, log_library, theta, pi_logits))):
+            return kernel.nb_nll_logits(x, logits, lib_flat, theta, pi_logits, log_x_fact, lgamma_theta_term)[0]
+        return _KernelNLLLogits.apply(x, logits, log_library, theta, pi_logits, log_x_fact, lgamma_theta_term)
+    mu = torch.exp(log_library.reshape(-1, 1)) * torch.softmax(logits, dim=-1)
+    return nb_nll(x, mu, theta, pi_logits, log_x_fact, lgamma_theta_term)
+
+
 def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None = None,
            log_x_fact: torch.Tensor | None = None, lgamma_theta_term: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell negative log-likelihood ``-sum_g log p(x_g)`` of the (zero-inflated, when ``pi_logits`` is
