@@ -210,6 +210,7 @@ def main() -> None:
     p.add_argument("--epochs-ref", type=int, default=None)
     p.add_argument("--epochs-query", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of both tools' training (run several for quality)")
     p.add_argument("--scaling", nargs="+", default=["5000x2000", "20000x2000", "100000x2000", "100000x5000",
                                                     "100000x20000"],
                    help="CELLSxGENES configurations of --workload scaling")
@@ -230,7 +231,7 @@ def main() -> None:
     if "scvi-tools" in tools:
         imports["scvi"] = import_times(peer, "scvi")
 
-    arch = ["--n-layers", "2", "--n-latent", "30", "--n-hidden", "128", "--batch-size", "128", "--seed", "0"]
+    arch = ["--n-layers", "2", "--n-latent", "30", "--n-hidden", "128", "--batch-size", "128", "--seed", str(args.seed)]
     configs = []
     if args.workload == "kang":
         if not KANG.exists():

@@ -250,3 +250,16 @@ def test_softmax_fused_likelihood_without_gradients_and_with_frozen_theta(implem
     pre = L.nb_nll_logits(x, logits.clone().requires_grad_(True), log_lib, theta, pi,
                           lgamma_theta_term=L.lgamma_theta_sum(x, theta))
     close(pre, plain.double(), 1e-5)
+
+
+def test_log_factorial_rows_table_and_gammaln_paths() -> None:
+    """The per-cell sum log x! of the data: table lookup for small integers, gammaln for the rest."""
+    import scipy.sparse as sp
+    from scipy.special import gammaln
+
+    from atlasmap.data.loader import log_factorial_rows
+
+    dense = np.array([[0, 1, 2, 1023, 1024], [5000, 0.5, 0, 0, 3], [0, 0, 0, 0, 0]], dtype=np.float32)
+    got = log_factorial_rows(sp.csr_matrix(dense))
+    want = gammaln(dense.astype(np.float64) + 1).sum(1)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -104,11 +105,28 @@ def log_library_sizes(totals: np.ndarray) -> torch.Tensor:
     return torch.log(torch.as_tensor(np.asarray(totals, dtype=np.float32)))
 
 
+#: ``log(k!)`` for k = 0 .. 1023: most counts are small integers, so a table lookup replaces ``gammaln``.
+_LOG_FACTORIAL_TABLE_SIZE = 1024
+
+
+@lru_cache(maxsize=1)
+def _log_factorial_table() -> np.ndarray:
+    from scipy.special import gammaln
+
+    return gammaln(np.arange(_LOG_FACTORIAL_TABLE_SIZE, dtype=np.float64) + 1.0)
+
+
 def log_factorial_rows(csr: sp.csr_matrix) -> np.ndarray:
     """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing)."""
     from scipy.special import gammaln
 
-    values = sp.csr_matrix((gammaln(csr.data.astype(np.float64) + 1.0), csr.indices, csr.indptr), shape=csr.shape)
+    data = csr.data.astype(np.float64)
+    as_int = np.minimum(data, _LOG_FACTORIAL_TABLE_SIZE - 1).astype(np.int64)
+    values = _log_factorial_table()[as_int]
+    other = as_int != data  # large or non-integer values
+    if other.any():
+        values[other] = gammaln(data[other] + 1.0)
+    values = sp.csr_matrix((values, csr.indices, csr.indptr), shape=csr.shape)
     return np.asarray(values.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
 
 
@@ -119,8 +137,12 @@ def prepare_cells(
     key_map: dict[str, str] | None = None,
     min_gene_overlap: float | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
+    likelihood_constants: bool = True,
 ) -> CellData:
-    """Validate ``adata`` against ``registry`` and build its :class:`CellData` (``adata`` is not modified)."""
+    """Validate ``adata`` against ``registry`` and build its :class:`CellData` (``adata`` is not modified).
+
+    ``likelihood_constants=False`` skips the per-cell ``sum log x!`` that only the training loss needs
+    (inference on new data; the loss computes it itself when it is missing)."""
     check_anndata(adata)
     kwargs = {} if min_gene_overlap is None else {"min_overlap": min_gene_overlap}
     alignment = align_genes(adata.var_names, registry.var_names, **kwargs)
@@ -139,9 +161,10 @@ def prepare_cells(
         "cont": torch.from_numpy(continuous_matrix(adata, registry)),
         # sum_g log(x_g!): the data-only part of count likelihoods, summed over the nonzeros once here
         # instead of a cells x genes lgamma in every training step
-        "log_x_fact": torch.from_numpy(log_factorial_rows(counts)),
         "log_library": log_library_sizes(totals),
     }
+    if likelihood_constants:
+        fields["log_x_fact"] = torch.from_numpy(log_factorial_rows(counts))
     if counts.shape[0] * counts.shape[1] * 4 <= dense_budget_bytes:
         counts = torch.from_numpy(counts.toarray())
     return CellData(counts, fields)

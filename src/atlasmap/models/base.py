@@ -100,8 +100,11 @@ class BaseModel:
         if own and self._cells_cache is not None and self._cells_cache[0] == id(adata):
             return self._cells_cache[1]
         # an AnnData opened backed (read_backed / read_h5ad(backed="r")) is streamed from disk in chunks
-        prepare = prepare_backed_cells if is_backed(adata) else prepare_cells
-        cells = prepare(adata, self.registry, key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
+        kwargs = dict(key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
+        if is_backed(adata):
+            cells = prepare_backed_cells(adata, self.registry, **kwargs)
+        else:  # the loss's data constants only for data the model may train on
+            cells = prepare_cells(adata, self.registry, likelihood_constants=own or training, **kwargs)
         cells = self._add_fields(cells, adata, training=training)
         if own:
             self._cells_cache = (id(adata), cells)
