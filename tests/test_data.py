@@ -375,9 +375,37 @@ def test_gather_csr_rows_int64_indptr() -> None:
     assert np.array_equal(gather_csr_rows(big, rows), csr[rows].toarray())
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_compiled_row_gather_matches_numpy(index_dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlasmap.nn import kernel
+
+    if not kernel.available():
+        pytest.skip("compiled kernel not built")
+    rng = np.random.default_rng(4)
+    csr = _random_csr(rng, 300, 517, 0.2)
+    csr = sp.csr_matrix((csr.data, csr.indices.astype(index_dtype), csr.indptr.astype(index_dtype)), shape=csr.shape)
+    cells = loader.CellData(csr, {})
+    rows = rng.integers(0, 300, 257)  # repeats, any order, large enough to use both threads
+    fast = cells.batch(rows)["x"]
+    monkeypatch.setenv("ATLASMAP_KERNEL", "0")
+    slow = loader.CellData(csr, {}).batch(rows)["x"]
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, torch.from_numpy(csr[rows].toarray().astype(np.float32)))
+
+
+def test_layout_rule_prefers_the_smaller_copy() -> None:
+    from atlasmap.nn import kernel
+
+    sparse_data = sp.random(1000, 1000, density=0.05, format="csr", dtype=np.float32, random_state=0)
+    dense_data = sp.random(1000, 1000, density=0.9, format="csr", dtype=np.float32, random_state=0)
+    assert loader.use_dense(dense_data)
+    assert loader.use_dense(sparse_data) is not kernel.available()
+    assert not loader.use_dense(dense_data, dense_budget_bytes=1000)
+
+
 def test_dense_and_sparse_loader_paths_agree(ref_adata: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     model = atlasmap.SCVI(ref_adata, batch_key="batch", **SMALL)
-    dense = prepare_cells(ref_adata, model.registry)
+    dense = prepare_cells(ref_adata, model.registry, dense=True)
     sparse = prepare_cells(ref_adata, model.registry, dense_budget_bytes=0)
     assert isinstance(dense.counts, torch.Tensor) and sp.issparse(sparse.counts)
     rows = np.random.default_rng(0).permutation(ref_adata.n_obs)[:50]
@@ -387,9 +415,12 @@ def test_dense_and_sparse_loader_paths_agree(ref_adata: Any, monkeypatch: pytest
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(a["x"], torch.from_numpy(ref_adata.X[rows].toarray()))
     # a whole model trained through the sparse path is bit-identical to the dense one
-    z_dense = train_reference(ref_adata, epochs=2).get_latent_representation()
     import atlasmap.models.base as base
 
+    monkeypatch.setattr(base, "prepare_cells", functools.partial(loader.prepare_cells, dense=True))
+    dense_model = train_reference(ref_adata, epochs=2)
+    assert isinstance(dense_model._cells().counts, torch.Tensor)
+    z_dense = dense_model.get_latent_representation()
     monkeypatch.setattr(base, "prepare_cells", functools.partial(loader.prepare_cells, dense_budget_bytes=0))
     sparse_model = train_reference(ref_adata, epochs=2)
     assert sp.issparse(sparse_model._cells().counts)

@@ -27,6 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -473,4 +474,25 @@ int atlasmap_lgamma_theta_sum(int64_t n, int64_t g, const float *x, const float 
         }
     }
     return status;
+}
+
+/*
+ * Dense float32 block (n_rows x g) of the given rows of a CSR matrix (indptr int64, indices int32,
+ * data float32): the minibatch gather of the data loader, one pass over the selected nonzeros. Rows are
+ * split over n_threads as above. Never fails; returns 0.
+ */
+int atlasmap_gather_rows(int64_t n_rows, const int64_t *rows, const int64_t *indptr, const int32_t *indices,
+                         const float *data, int64_t g, float *out, int n_threads) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1) schedule(static)
+#else
+    (void)n_threads;
+#endif
+    for (int64_t i = 0; i < n_rows; i++) {
+        float *dst = out + i * g;
+        memset(dst, 0, sizeof(float) * (size_t)g);
+        const int64_t r = rows[i];
+        for (int64_t k = indptr[r]; k < indptr[r + 1]; k++) dst[indices[k]] = data[k];
+    }
+    return 0;
 }
