@@ -61,6 +61,18 @@ def test_map_query_only_and_with_reference(files: dict[str, Path], capsys: pytes
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_threads_option_sets_torch_threads(files: dict[str, Path]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["reference", str(files["ref"]), "--batch-key", "batch", "-o", str(files["root"] / "m1t"),
+                         "--epochs", "1", "--n-latent", "4", "--quiet", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_info(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["info", str(files["model"])]) == 0
     out = capsys.readouterr().out
@@ -77,6 +89,8 @@ def test_info(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
         (["reference", "{ref}", "--batch-key", "batch", "-o", "{model}"], "already exists"),
         (["map", "{query}", "--reference", "{model}", "-o", "{root}/y.h5ad", "--knn-labels", "cell_type"],
          "--with-reference"),
+        (["reference", "{ref}", "--batch-key", "batch", "-o", "{root}/m3", "--threads", "0"],
+         "--threads must be at least 1"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(files: dict[str, Path], capsys: pytest.CaptureFixture,

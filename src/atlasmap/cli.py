@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from atlasmap.errors import AtlasmapError
+from atlasmap.errors import AtlasmapError, InputError
 
 EXIT_USER_ERROR = 2
 #: Model classes `atlasmap reference --model` can train.
@@ -32,6 +32,9 @@ def _add_training_args(p: argparse.ArgumentParser, default_epochs: int | None) -
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's choice, one per core); on a shared machine "
+                        "fewer threads than busy cores avoids slow, contended OpenMP")
     b = p.add_argument_group("streaming (data larger than memory; see docs/SCALING_SECTION.md)")
     b.add_argument("--backed", action="store_true",
                    help="leave the counts on disk and stream them in chunks (the input's counts must be CSR)")
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=100)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for PyTorch")
     demo.add_argument("--scib", choices=["full", "fast", "none"], default="fast",
                       help="scIB metrics in the report: fast (default; without the slow kBET and BRAS), full "
                            "(scib-metrics' default set), none")
@@ -530,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
                 "info": cmd_info,
                 "import-scvi": cmd_import_scvi}
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise InputError(f"--threads must be at least 1, got {threads}.")
+            import torch
+
+            torch.set_num_threads(threads)
         commands[args.command](args)
     except AtlasmapError as err:
         print(f"atlasmap: error: {err}", file=sys.stderr)
