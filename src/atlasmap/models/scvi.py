@@ -183,13 +183,15 @@ class SCVI(BaseModel):
             inf = self.module.inference(batch, sample=False)
             if n_samples == 1 and len(batch_codes) == 1 and batch_codes[0] is None:  # the common case: one pass
                 px = self.module.generative(inf["qz_m"], inf["library"], batch["cat"], batch["cont"],
-                                            with_dropout=False)
-                values = px["px_rate"] if library_size == "latent" else px["px_scale"]
-                if library_size != "latent" and float(library_size) != 1.0:
-                    values = values * float(library_size)
+                                            with_dropout=False, logits_only=True)
+                values = torch.softmax(px["px_scale_logits"], dim=-1)
+                if library_size == "latent":
+                    values.mul_(torch.exp(inf["library"]))
+                elif float(library_size) != 1.0:
+                    values.mul_(float(library_size))
                 if len(gene_idx) != self.registry.n_vars:
                     values = values.index_select(1, gene_idx_t)
-                out[rows] = values.cpu().numpy()
+                torch.from_numpy(out[rows[0]:rows[-1] + 1]).copy_(values)  # rows are contiguous (no shuffle)
                 continue
             acc = torch.zeros(len(rows), len(gene_idx), device=device)
             for _ in range(n_samples):
