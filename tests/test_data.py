@@ -227,11 +227,21 @@ def test_matrix_formats_give_bit_identical_models(kind: str, ref_adata: Any) -> 
     assert a.history["elbo_train"] == b.history["elbo_train"]
 
 
-def test_get_counts_returns_a_copy(ref_adata: Any) -> None:
+def test_get_counts_never_lets_a_write_reach_the_input(ref_adata: Any) -> None:
+    """Canonical float32 CSR input is shared read-only (no copy: memory); anything else is copied.
+    Either way a write to the result cannot change the caller's matrix."""
     before = ref_adata.X.copy()
+    assert ref_adata.X.dtype == np.float32 and ref_adata.X.has_canonical_format
     csr = get_counts(ref_adata, None)
-    csr.data[:] = -5
-    assert np.array_equal(ref_adata.X.data, before.data)
+    assert np.shares_memory(csr.data, ref_adata.X.data)
+    with pytest.raises(ValueError, match="read-only"):
+        csr.data[:] = -5
+    other = ref_adata.copy()
+    other.X = other.X.astype(np.float64)
+    copied = get_counts(other, None)
+    assert copied.dtype == np.float32 and not np.shares_memory(copied.data, other.X.data)
+    copied.data[:] = -5
+    assert np.array_equal(ref_adata.X.data, before.data) and (other.X.data >= 0).all()
 
 
 # ------------------------------------------------------------------------------------------ registry

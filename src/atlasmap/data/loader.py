@@ -129,18 +129,28 @@ def _log_factorial_table() -> np.ndarray:
     return gammaln(np.arange(_LOG_FACTORIAL_TABLE_SIZE, dtype=np.float64) + 1.0)
 
 
-def log_factorial_rows(csr: sp.csr_matrix) -> np.ndarray:
-    """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing)."""
+def log_factorial_rows(csr: sp.csr_matrix, chunk: int = 1 << 22) -> np.ndarray:
+    """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing),
+    in blocks of about ``chunk`` nonzeros (bounded temporary memory)."""
     from scipy.special import gammaln
 
-    data = csr.data.astype(np.float64)
-    as_int = np.minimum(data, _LOG_FACTORIAL_TABLE_SIZE - 1).astype(np.int64)
-    values = _log_factorial_table()[as_int]
-    other = as_int != data  # large or non-integer values
-    if other.any():
-        values[other] = gammaln(data[other] + 1.0)
-    values = sp.csr_matrix((values, csr.indices, csr.indptr), shape=csr.shape)
-    return np.asarray(values.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
+    indptr = csr.indptr
+    out = np.zeros(csr.shape[0], dtype=np.float64)
+    lo = 0
+    while lo < csr.shape[0]:
+        hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + chunk, side="right")) - 1)
+        hi = min(hi, csr.shape[0])
+        a, b = int(indptr[lo]), int(indptr[hi])
+        data = csr.data[a:b].astype(np.float64)
+        as_int = np.minimum(data, _LOG_FACTORIAL_TABLE_SIZE - 1).astype(np.int64)
+        values = _log_factorial_table()[as_int]
+        other = as_int != data  # large or non-integer values
+        if other.any():
+            values[other] = gammaln(data[other] + 1.0)
+        row_of = np.repeat(np.arange(hi - lo), np.diff(indptr[lo:hi + 1]))
+        out[lo:hi] = np.bincount(row_of, weights=values, minlength=hi - lo)
+        lo = hi
+    return out.astype(np.float32)
 
 
 def prepare_cells(

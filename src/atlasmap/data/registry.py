@@ -190,9 +190,10 @@ def continuous_values(adata: Any, key: str) -> np.ndarray:
 
 
 def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
-    """Return the raw counts as a new float32 CSR matrix, after checking they are counts.
+    """Return the raw counts as a float32 CSR matrix, after checking they are counts.
 
-    The caller's matrix is never modified (the result is a copy or a new conversion).
+    The caller's matrix is never modified: the result is a new matrix, or, for input that already is
+    canonical float32 CSR, shares its arrays read-only (writes raise instead of reaching the input).
     """
     matrix, where = counts_matrix(adata, layer)
     if hasattr(matrix, "to_memory"):  # backed sparse dataset
@@ -231,7 +232,8 @@ def counts_matrix(adata: Any, layer: str | None) -> tuple[Any, str]:
 def validate_counts(
     matrix: Any, *, where: str, obs_names: pd.Index, var_names: pd.Index, layer: str | None
 ) -> sp.csr_matrix:
-    """Check that ``matrix`` holds raw counts and return them as a new float32 CSR matrix.
+    """Check that ``matrix`` holds raw counts and return them as a float32 CSR matrix: a new one, or, when
+    ``matrix`` already is canonical float32 CSR, one sharing its arrays read-only (no copy of the data).
 
     Used for a whole AnnData and, by the streaming loader, for each chunk of rows of an on-disk one
     (``obs_names`` are then the chunk's cells, so messages name the offending cell).
@@ -244,8 +246,17 @@ def validate_counts(
     if sp.issparse(matrix):
         if matrix.dtype.kind not in "biuf":  # a float32 cast would silently drop imaginary parts
             raise InputError(f"{where} has dtype {matrix.dtype}; atlasmap needs numeric raw counts.")
-        # validate the stored values; casting to float32 first would hide e.g. 0.9999999999 (-> 1.0)
-        csr = sp.csr_matrix(matrix, copy=True)
+        if matrix.format == "csr" and matrix.dtype == np.float32 and matrix.has_canonical_format:
+            # already what atlasmap uses: share the arrays read-only instead of copying (memory); nothing
+            # here writes to them, and a read-only view turns any accidental write into an error
+            shared = [a.view() for a in (matrix.data, matrix.indices, matrix.indptr)]
+            for a in shared:
+                a.flags.writeable = False
+            csr = sp.csr_matrix(tuple(shared), shape=matrix.shape, copy=False)
+            csr.has_canonical_format = True
+        else:
+            # validate the stored values; casting to float32 first would hide e.g. 0.9999999999 (-> 1.0)
+            csr = sp.csr_matrix(matrix, copy=True)
         values = csr.data
     else:
         arr = np.asarray(matrix)
@@ -254,28 +265,28 @@ def validate_counts(
         values = arr
         csr = None
     names = (obs_names, var_names)
-    if values.dtype.kind == "f":
+    # each check scans the values in chunks (no full-size temporary mask); the full mask is built only to
+    # name the first offending entry
+    if values.dtype.kind == "f" and _any_chunked(values, lambda v: ~np.isfinite(v)):
         bad = ~np.isfinite(values)
-        if bad.any():
-            raise InputError(
-                f"{where} holds {int(bad.sum())} NaN or infinite values{_where_first(names, matrix, bad, csr)}; "
-                "atlasmap models raw counts: remove or fix those entries."
-            )
-    neg = values < 0
-    if neg.any():
+        raise InputError(
+            f"{where} holds {int(bad.sum())} NaN or infinite values{_where_first(names, matrix, bad, csr)}; "
+            "atlasmap models raw counts: remove or fix those entries."
+        )
+    if _any_chunked(values, lambda v: v < 0):
+        neg = values < 0
         raise InputError(
             f"{where} holds {int(neg.sum())} negative values{_where_first(names, matrix, neg, csr)}; "
             "atlasmap models raw counts (non-negative integers)."
             + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
         )
-    if values.dtype.kind == "f":
+    if values.dtype.kind == "f" and _any_chunked(values, lambda v: v != np.round(v)):
         frac = values != np.round(values)
-        if frac.any():
-            raise InputError(
-                f"{where} holds non-integer values{_where_first(names, matrix, frac, csr, show_value=True)}; "
-                "atlasmap models raw counts, not normalised or log-transformed data."
-                + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
-            )
+        raise InputError(
+            f"{where} holds non-integer values{_where_first(names, matrix, frac, csr, show_value=True)}; "
+            "atlasmap models raw counts, not normalised or log-transformed data."
+            + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
+        )
     if values.size and float(values.max()) > 2**24:
         raise InputError(
             f"{where} holds counts above 2^24 ({float(values.max()):.0f}); float32 cannot represent them exactly. "
@@ -296,6 +307,15 @@ def check_library_sizes(totals: np.ndarray, obs_names: pd.Index) -> None:
             f"{int(empty.sum())} cells have no counts in the model's genes (e.g. {example!r}); their library "
             "size is zero. Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
+
+
+_CHECK_CHUNK = 1 << 22  # values per chunk of a validation scan
+
+
+def _any_chunked(values: np.ndarray, test: Any) -> bool:
+    """Whether ``test`` (elementwise, returns a bool array) holds anywhere in ``values``, chunk by chunk."""
+    flat = values.reshape(-1)
+    return any(bool(test(flat[i:i + _CHECK_CHUNK]).any()) for i in range(0, flat.size, _CHECK_CHUNK))
 
 
 def _where_first(names: tuple[pd.Index, pd.Index], matrix: Any, mask: np.ndarray, csr: sp.csr_matrix | None,

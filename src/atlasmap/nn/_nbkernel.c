@@ -423,57 +423,60 @@ static int lgamma_theta_rows(int64_t row_begin, int64_t row_end, int64_t g, cons
  *
  * Both return 0, or -1 when scratch memory could not be allocated.
  */
+/* fn over the rows [0, n) cut into n_threads contiguous ranges, one per thread; the worst status. */
+typedef int (*range_fn)(int64_t row_begin, int64_t row_end, const void *args);
+
+static int over_row_ranges(int64_t n, int n_threads, range_fn fn, const void *args) {
+    const int parts = n_threads > 1 ? n_threads : 1;
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) if (parts > 1) schedule(static, 1) reduction(min : status)
+#endif
+    for (int p = 0; p < parts; p++) {
+        const int s = fn(n * p / parts, n * (p + 1) / parts, args);
+        status = s < status ? s : status;
+    }
+    return status;
+}
+
+typedef struct {
+    int64_t g, theta_stride;
+    const float *x, *mu, *logits, *log_lib, *theta, *pi, *const_term, *lgamma_cell;
+    float *nll, *g_mu, *g_logits, *g_log_lib, *g_theta, *g_pi;
+} nll_args;
+
+static int nll_range(int64_t begin, int64_t end, const void *args) {
+    const nll_args *a = args;
+    return nb_nll_rows(begin, end, a->g, a->x, a->mu, a->logits, a->log_lib, a->theta, a->theta_stride, a->pi,
+                       a->const_term, a->lgamma_cell, a->nll, a->g_mu, a->g_logits, a->g_log_lib, a->g_theta,
+                       a->g_pi);
+}
+
 int atlasmap_nb_nll(int64_t n, int64_t g, const float *x, const float *mu, const float *logits,
                     const float *log_lib, const float *theta, int64_t theta_stride, const float *pi,
                     const float *const_term, const float *lgamma_cell, float *nll, float *g_mu, float *g_logits,
                     float *g_log_lib, float *g_theta, float *g_pi, int n_threads) {
-    int status = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
-#endif
-    {
-#ifdef _OPENMP
-        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-#else
-        const int64_t part = 0, parts = 1;
-        (void)n_threads;
-#endif
-        const int s = nb_nll_rows(n * part / parts, n * (part + 1) / parts, g, x, mu, logits, log_lib, theta,
-                                  theta_stride, pi, const_term, lgamma_cell, nll, g_mu, g_logits, g_log_lib,
-                                  g_theta, g_pi);
-        if (s != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            status = s;
-        }
-    }
-    return status;
+    const nll_args args = {g, theta_stride, x, mu, logits, log_lib, theta, pi, const_term, lgamma_cell,
+                           nll, g_mu, g_logits, g_log_lib, g_theta, g_pi};
+    return over_row_ranges(n, n_threads, nll_range, &args);
+}
+
+typedef struct {
+    int64_t g, theta_stride;
+    const float *x, *theta;
+    float *out;
+} lgamma_args;
+
+static int lgamma_range(int64_t begin, int64_t end, const void *args) {
+    const lgamma_args *a = args;
+    return lgamma_theta_rows(begin, end, a->g, a->x, a->theta, a->theta_stride, a->out);
 }
 
 /* Per-cell sum_g lgamma(x + t) - lgamma(t) of an n x g matrix (theta as in atlasmap_nb_nll). */
 int atlasmap_lgamma_theta_sum(int64_t n, int64_t g, const float *x, const float *theta, int64_t theta_stride,
                               float *out, int n_threads) {
-    int status = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
-#endif
-    {
-#ifdef _OPENMP
-        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-#else
-        const int64_t part = 0, parts = 1;
-        (void)n_threads;
-#endif
-        const int s = lgamma_theta_rows(n * part / parts, n * (part + 1) / parts, g, x, theta, theta_stride, out);
-        if (s != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            status = s;
-        }
-    }
-    return status;
+    const lgamma_args args = {g, theta_stride, x, theta, out};
+    return over_row_ranges(n, n_threads, lgamma_range, &args);
 }
 
 /*
