@@ -1,9 +1,10 @@
 """Cells → minibatches of tensors, built for throughput.
 
-Counts are validated and aligned once (:func:`prepare_cells`). When the dense matrix fits in the memory
-budget it is materialised once and a minibatch is a single ``index_select``; otherwise CSR rows are
-gathered into a dense block with one vectorised numpy scatter per minibatch. No AnnData is touched
-inside the training loop.
+Counts are validated and aligned once (:func:`prepare_cells`) and kept as CSR (canonical float32 input is
+shared read-only, not copied); a minibatch is one pass of the compiled row gather over the selected
+nonzeros (numpy's vectorised scatter without the compiled kernel). Only when a dense copy would be no
+larger than the CSR one (or, without the kernel, fits the memory budget) is it materialised and a minibatch
+is a single ``index_select`` (:func:`use_dense`). No AnnData is touched inside the training loop.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ Batch = dict[str, torch.Tensor]
 class CellData:
     """Aligned, validated per-cell arrays of one AnnData, ready to be cut into minibatches.
 
-    ``counts`` is a dense float32 tensor, or a CSR matrix when the dense form would not fit the budget.
+    ``counts`` is a CSR matrix, or a dense float32 tensor when :func:`use_dense` prefers it.
     ``fields`` holds other per-cell tensors (category codes ``"cat"``, continuous covariates ``"cont"``,
     and whatever a model adds, e.g. labels or proteins).
     """
