@@ -35,7 +35,7 @@ from atlasmap.models.scvi_module import (
     kl_normal_standard,
 )
 from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear
-from atlasmap.nn.likelihoods import log_nb, log_zinb
+from atlasmap.nn.likelihoods import nb_nll
 
 _VAR_EPS = 1e-4
 #: Weight of scvi-tools' prior nudging each protein towards background (``-1e-3 log sigmoid(pi)``).
@@ -254,11 +254,9 @@ class TOTALVIModule(nn.Module):
         y = torch.where(mask, batch["y"], torch.zeros_like(batch["y"]))
         inf = self.inference(batch)
         gen = self.generative(inf["z"], inf["library"], cat, batch["cont"])
-        if self.config.gene_likelihood == "zinb":
-            logp_rna = log_zinb(x, gen["px_rate"], gen["theta"], gen["px_dropout"])
-        else:
-            logp_rna = log_nb(x, gen["px_rate"], gen["theta"])
-        rec_rna = -logp_rna.sum(-1)
+        # the RNA term through the fused NB/ZINB likelihood (compiled kernel on CPU), as scVI's
+        pi = gen["px_dropout"] if self.config.gene_likelihood == "zinb" else None
+        rec_rna = nb_nll(x, gen["px_rate"], gen["theta"], pi, log_x_fact=batch.get("log_x_fact"))
         logp_pro = log_nb_mixture(y, gen["rate_back"], gen["rate_fore"], gen["py_theta"], gen["mixing"])
         rec_pro = -self._masked_sum(logp_pro, mask)
         kl_z = kl_normal_standard(inf["qz_m"], inf["qz_v"])
