@@ -93,6 +93,30 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _nll(x: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None, const: torch.Tensor | None,
+         lgamma_cell: torch.Tensor | None, lib: ctypes.CDLL | None, *, mu: torch.Tensor | None = None,
+         logits: torch.Tensor | None = None, log_library: torch.Tensor | None = None,
+         need_mu: bool = False, need_logits: bool = False, need_log_library: bool = False,
+         need_theta: bool = False, need_pi: bool = False) -> tuple[torch.Tensor, ...]:
+    """One call of ``atlasmap_nb_nll``: the NLL and the gradient buffers asked for (``None`` otherwise), in
+    the order mu, logits, log_library, theta, pi. The mean is ``mu`` or ``exp(log_library) * softmax(logits)``."""
+    lib = lib or _library()
+    n, g = x.shape
+    if lgamma_cell is not None and need_theta:
+        raise ValueError("lgamma_cell can only be given when theta needs no gradient")
+    nll = torch.empty(n, dtype=torch.float32)
+    g_mu = torch.empty_like(x) if need_mu else None
+    g_logits = torch.empty_like(x) if need_logits else None
+    g_log_lib = torch.empty(n, dtype=torch.float32) if need_log_library else None
+    g_theta = torch.empty_like(x) if need_theta else None
+    g_pi = torch.empty_like(x) if need_pi and pi_logits is not None else None
+    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), _ptr(mu), _ptr(logits), _ptr(log_library), theta.data_ptr(),
+                               theta_stride(x, theta), _ptr(pi_logits), _ptr(const), _ptr(lgamma_cell),
+                               nll.data_ptr(), _ptr(g_mu), _ptr(g_logits), _ptr(g_log_lib), _ptr(g_theta),
+                               _ptr(g_pi), _threads(n, g)))
+    return nll, g_mu, g_logits, g_log_lib, g_theta, g_pi
+
+
 def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None,
            const: torch.Tensor | None, lgamma_cell: torch.Tensor | None,
            need: tuple[bool, bool, bool] = (False, False, False), lib: ctypes.CDLL | None = None,
@@ -100,19 +124,8 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: to
     """Per-cell NLL (``const - sum_g f``) and, as ``need`` asks, d NLL / d ``mu``, ``theta`` (per entry)
     and ``pi_logits``. See ``_nbkernel.c`` for the formulas; callers check :func:`usable`. ``lib`` is
     another build of the kernel (tests)."""
-    lib = lib or _library()
-    n, g = x.shape
-    stride = theta_stride(x, theta)
-    need_mu, need_theta, need_pi = need
-    if lgamma_cell is not None and need_theta:
-        raise ValueError("lgamma_cell can only be given when theta needs no gradient")
-    nll = torch.empty(n, dtype=torch.float32)
-    g_mu = torch.empty_like(x) if need_mu else None
-    g_theta = torch.empty_like(x) if need_theta else None
-    g_pi = torch.empty_like(x) if need_pi and pi_logits is not None else None
-    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), mu.data_ptr(), None, None, theta.data_ptr(), stride,
-                               _ptr(pi_logits), _ptr(const), _ptr(lgamma_cell), nll.data_ptr(), _ptr(g_mu), None,
-                               None, _ptr(g_theta), _ptr(g_pi), _threads(n, g)))
+    nll, g_mu, _, _, g_theta, g_pi = _nll(x, theta, pi_logits, const, lgamma_cell, lib, mu=mu, need_mu=need[0],
+                                          need_theta=need[1], need_pi=need[2])
     return nll, g_mu, g_theta, g_pi
 
 
@@ -124,20 +137,9 @@ def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tens
     softmax(logits)`` (``log_library`` one value per cell), never materialised: the softmax, the scaling
     and their backward are part of the kernel's pass. Returns the NLL and, as ``need`` asks, d NLL / d
     ``logits``, ``log_library`` (per cell), ``theta`` (per entry) and ``pi_logits``."""
-    lib = lib or _library()
-    n, g = x.shape
-    if lgamma_cell is not None and need[2]:
-        raise ValueError("lgamma_cell can only be given when theta needs no gradient")
-    nll = torch.empty(n, dtype=torch.float32)
-    g_logits = torch.empty_like(x) if need[0] else None
-    g_log_lib = torch.empty(n, dtype=torch.float32) if need[1] else None
-    g_theta = torch.empty_like(x) if need[2] else None
-    g_pi = torch.empty_like(x) if need[3] and pi_logits is not None else None
-    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), None, logits.data_ptr(), log_library.data_ptr(),
-                               theta.data_ptr(), theta_stride(x, theta), _ptr(pi_logits), _ptr(const),
-                               _ptr(lgamma_cell), nll.data_ptr(), None, _ptr(g_logits), _ptr(g_log_lib),
-                               _ptr(g_theta), _ptr(g_pi), _threads(n, g)))
-    return nll, g_logits, g_log_lib, g_theta, g_pi
+    nll, _, *grads = _nll(x, theta, pi_logits, const, lgamma_cell, lib, logits=logits, log_library=log_library,
+                          need_logits=need[0], need_log_library=need[1], need_theta=need[2], need_pi=need[3])
+    return (nll, *grads)
 
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:

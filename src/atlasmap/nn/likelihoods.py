@@ -208,6 +208,22 @@ class _FusedNLL(torch.autograd.Function):
         return None, grad_mu, grad_theta, grad_pi, None, None
 
 
+def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """A kernel's per-entry d NLL / d input times the incoming per-cell gradient (in place: the buffer is
+    the kernel's own)."""
+    return grad.mul_(grad_out.unsqueeze(-1)) if needed else None
+
+
+def _scaled_theta(grad: torch.Tensor, grad_out: torch.Tensor, theta_shape: torch.Size, needed: bool
+                  ) -> torch.Tensor | None:
+    """:func:`_scaled` for theta, summed over cells (one GEMV) when theta has one value per gene."""
+    if not needed:
+        return None
+    if grad.shape != theta_shape:
+        return (grad_out @ grad).reshape(theta_shape)
+    return _scaled(grad, grad_out, True)
+
+
 class _KernelNLL(torch.autograd.Function):
     """:func:`nb_nll` through the compiled kernel (:mod:`atlasmap.nn.kernel`): one pass computes the
     values and the gradients autograd asks for; the backward only scales them by the incoming gradient."""
@@ -225,16 +241,9 @@ class _KernelNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         g_mu, g_theta, g_pi = ctx.saved_tensors
-        scale = grad_out.unsqueeze(-1)
-        grad_mu = g_mu.mul_(scale) if ctx.needs_input_grad[1] else None  # the buffers are ours: scale in place
-        grad_theta = None
-        if ctx.needs_input_grad[2]:
-            if g_theta.shape != ctx.theta_shape:  # one value per gene: one GEMV sums over cells
-                grad_theta = (grad_out @ g_theta).reshape(ctx.theta_shape)
-            else:
-                grad_theta = g_theta.mul_(scale)
-        grad_pi = g_pi.mul_(scale) if ctx.needs_input_grad[3] else None
-        return None, grad_mu, grad_theta, grad_pi, None, None
+        need = ctx.needs_input_grad
+        return (None, _scaled(g_mu, grad_out, need[1]), _scaled_theta(g_theta, grad_out, ctx.theta_shape, need[2]),
+                _scaled(g_pi, grad_out, need[3]), None, None)
 
 
 class _KernelNLLLogits(torch.autograd.Function):
@@ -255,17 +264,10 @@ class _KernelNLLLogits(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         g_logits, g_lib, g_theta, g_pi = ctx.saved_tensors
         need = ctx.needs_input_grad
-        scale = grad_out.unsqueeze(-1)
-        grad_logits = g_logits.mul_(scale) if need[1] else None
         grad_lib = (g_lib * grad_out).reshape(ctx.library_shape) if need[2] else None
-        grad_theta = None
-        if need[3]:
-            if g_theta.shape != ctx.theta_shape:
-                grad_theta = (grad_out @ g_theta).reshape(ctx.theta_shape)
-            else:
-                grad_theta = g_theta.mul_(scale)
-        grad_pi = g_pi.mul_(scale) if need[4] else None
-        return None, grad_logits, grad_lib, grad_theta, grad_pi, None, None
+        return (None, _scaled(g_logits, grad_out, need[1]), grad_lib,
+                _scaled_theta(g_theta, grad_out, ctx.theta_shape, need[3]), _scaled(g_pi, grad_out, need[4]),
+                None, None)
 
 
 def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
