@@ -142,11 +142,9 @@ class EpochLog:
         """Record the epoch; return True when training should stop."""
         for key, value in record.items():
             history[key].append(value)
-        monitored = record.get("elbo_validation")
-        if monitored is None:  # no validation set, or not validated this epoch
-            monitored = record["elbo_train"]
-        val = record.get("elbo_validation")
-        bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}", elbo_val=f"{val if val is not None else float('nan'):.1f}")
+        val = record.get("elbo_validation")  # None: no validation set, or not validated this epoch
+        monitored = record["elbo_train"] if val is None else val
+        bar.set_postfix(elbo_train=f"{record['elbo_train']:.1f}", elbo_val=f"{float('nan') if val is None else val:.1f}")
         if monitored < self.best - self.config.early_stopping_min_delta:
             self.best, self.since_best = monitored, 0
         else:
