@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -86,6 +87,16 @@ def joint_h5ad(ref, query, z_ref, z_query, args, path: Path) -> None:  # noqa: A
     ad.AnnData(X, obs=obs, obsm={"X_latent": np.concatenate([z_ref, z_query]).astype(np.float32)}).write_h5ad(path)
 
 
+def write_scvi_outputs(name: str, ref, query, qmodel, t_ref: float, t_query: float, version: str,  # noqa: ANN001
+                       args: argparse.Namespace) -> None:
+    """``{name}_joint.h5ad`` (both latents of the query model) and ``{name}_times.json`` of one tool's scVI run."""
+    out = Path(args.out)
+    joint_h5ad(ref, query, qmodel.get_latent_representation(ref), qmodel.get_latent_representation(query), args,
+               out / f"{name}_joint.h5ad")
+    (out / f"{name}_times.json").write_text(json.dumps({"reference_s": t_ref, "query_s": t_query,
+                                                        "version": version}))
+
+
 def run_peer(args: argparse.Namespace) -> None:
     """scvi-tools SCVI reference + scArches query (the scvi-tools tutorial recipe)."""
     import anndata as ad
@@ -105,10 +116,7 @@ def run_peer(args: argparse.Namespace) -> None:
     qmodel.train(max_epochs=args.epochs, plan_kwargs={"weight_decay": 0.0}, enable_progress_bar=False)
     t_query = time.perf_counter() - t0
     out = Path(args.out)
-    joint_h5ad(ref, query, qmodel.get_latent_representation(ref), qmodel.get_latent_representation(query), args,
-               out / "scvi_tools_joint.h5ad")
-    (out / "scvi_tools_times.json").write_text(json.dumps({"reference_s": t_ref, "query_s": t_query,
-                                                           "version": scvi.__version__}))
+    write_scvi_outputs("scvi_tools", ref, query, qmodel, t_ref, t_query, scvi.__version__, args)
 
     # scArches scANVI: fine-tune on the labelled reference, map the query with its labels hidden.
     t0 = time.perf_counter()
@@ -141,10 +149,7 @@ def run_atlasmap(args: argparse.Namespace) -> None:
     qmodel = atlasmap.SCVI.load_query_data(query, model).train(args.epochs, seed=args.seed, progress_bar=False)
     t_query = time.perf_counter() - t0
     out = Path(args.out)
-    joint_h5ad(ref, query, qmodel.get_latent_representation(ref), qmodel.get_latent_representation(query), args,
-               out / "atlasmap_joint.h5ad")
-    (out / "atlasmap_times.json").write_text(json.dumps({"reference_s": t_ref, "query_s": t_query,
-                                                         "version": atlasmap.__version__}))
+    write_scvi_outputs("atlasmap", ref, query, qmodel, t_ref, t_query, atlasmap.__version__, args)
 
     # scArches scANVI: fine-tune on the labelled reference, map the query with its labels hidden.
     t0 = time.perf_counter()
@@ -208,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = ["atlasmap"]
     peer = None
-    if args.peer_python:
+    if args.peer_python and not os.path.exists(args.peer_python):
+        print(f"scvi-tools peer skipped: no interpreter at {args.peer_python!r}", file=sys.stderr)
+    elif args.peer_python:
         peer = subprocess.Popen([args.peer_python, __file__, *(argv if argv is not None else sys.argv[1:]),
                                  "--peer-only"])
         names.append("scvi_tools")
