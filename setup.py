@@ -1,7 +1,8 @@
-"""Build of the optional C likelihood kernel (everything else is in pyproject.toml).
+"""Build of the optional C kernels (everything else is in pyproject.toml).
 
-``atlasmap/nn/_nbkernel.c`` is plain C loaded with ctypes (see ``atlasmap/nn/kernel.py``). The extension is
-optional: without a working C compiler the install goes on and atlasmap uses its PyTorch likelihood.
+``atlasmap/nn/_nbkernel.c`` (likelihood) and ``_stack.c`` (query-training step) are plain C loaded with
+ctypes (see ``atlasmap/nn/kernel.py``), built into one library. The extension is optional: without a
+working C compiler the install goes on and atlasmap uses its PyTorch likelihood and autograd.
 """
 
 import sys
@@ -19,7 +20,7 @@ setup(
     ext_modules=[
         Extension(
             "atlasmap.nn._nbkernel",
-            sources=["src/atlasmap/nn/_nbkernel.c"],
+            sources=["src/atlasmap/nn/_nbkernel.c", "src/atlasmap/nn/_stack.c"],
             extra_compile_args=flags,
             extra_link_args=openmp if sys.platform.startswith("linux") else [],
             libraries=[] if sys.platform == "win32" else ["m"],

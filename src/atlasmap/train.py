@@ -129,6 +129,13 @@ def with_frozen_fields(module: nn.Module, cells: CellData) -> CellData:
 
 
 
+def fused_step(module: nn.Module, cells: CellData) -> Any:
+    """A module's hand-written training step for its current frozen state (``module.fused_step``, e.g. scVI
+    after surgery), or ``None``: autograd then computes the gradients."""
+    build = getattr(module, "fused_step", None)
+    return build(cells) if build is not None else None
+
+
 class EpochLog:
     """Appends each epoch's record to the history, updates the progress bar, and decides early stopping
     on the validation ELBO (the training ELBO when there is no validation set)."""
@@ -173,6 +180,7 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
         raise AtlasmapError("the model has no trainable parameters; nothing to train.")
     optimizer = make_optimizer(params, config, device)
     cells = with_frozen_fields(module, cells)
+    step = fused_step(module, cells)
     train_idx, val_idx = split_cells(cells.n_cells, config.train_size, config.seed)
     if train_idx.size < 2:  # batch norm cannot compute statistics of a one-cell minibatch
         module.train()
@@ -202,9 +210,12 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
             module.train()
             totals = np.zeros(3)
             for batch in epoch_batches(cells, train_idx, config.batch_size, rng, device):
-                terms = module.loss(batch, kl_weight)
-                optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
+                if step is None:
+                    terms = module.loss(batch, kl_weight)
+                    optimizer.zero_grad(set_to_none=True)
+                    terms.loss.backward()
+                else:  # same loss and gradients, without autograd (fills .grad itself)
+                    terms = step(batch, kl_weight)
                 optimizer.step()
                 totals += _sums(terms)
             if not np.isfinite(totals).all():

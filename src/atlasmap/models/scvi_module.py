@@ -258,6 +258,13 @@ class SCVIModule(nn.Module):
                 out[LGAMMA_THETA].append(lgamma_theta_sum(x, theta))
         return {k: torch.cat(v).cpu() for k, v in out.items() if v}
 
+    def fused_step(self, cells: Any) -> Any:
+        """The hand-written training step for this frozen state (:mod:`atlasmap.models.frozen_step`; query
+        training after surgery), or ``None`` when autograd must run."""
+        from atlasmap.models.frozen_step import frozen_step
+
+        return frozen_step(self, cells)
+
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
         inf = self.inference(batch)
         px = self.generative(inf["z"], inf["library"], batch["cat"], batch["cont"], logits_only=True)

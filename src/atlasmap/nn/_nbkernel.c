@@ -322,7 +322,7 @@ ATLASMAP_CLONES static float logits_gradient(int64_t g, const float *restrict mu
     return q;
 }
 
-static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, const float *x, const float *mu,
+static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld, const float *x, const float *mu,
                        const float *logits, const float *log_lib, const float *theta, int64_t theta_stride,
                        const float *pi, const float *const_term, const float *lgamma_cell, float *nll,
                        float *g_mu, float *g_logits, float *g_log_lib, float *g_theta, float *g_pi) {
@@ -355,7 +355,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, const floa
         const float *mr = mu + c * g;
         float e_sum = 1.0f;
         if (from_logits) {  /* mu = exp(log_lib) * softmax(logits), never stored */
-            e_sum = softmax_parts(g, logits + c * g, e_row);
+            e_sum = softmax_parts(g, logits + c * ld, e_row);
             scale_row(g, e_row, EXPF(log_lib[c]) / e_sum, mu_row);
             mr = mu_row;
         }
@@ -366,8 +366,8 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, const floa
         }
         float *gm = g_mu != NULL ? g_mu + c * g : s_mu;
         float *gt = want_t ? g_theta + c * g : s_t;
-        float *gp = want_pi ? g_pi + c * g : s_pi;
-        double total = row(g, xr, mr, tr, log_t, inv_t, zi ? pi + c * g : NULL, gm, gt, gp);
+        float *gp = want_pi ? g_pi + c * ld : s_pi;
+        double total = row(g, xr, mr, tr, log_t, inv_t, zi ? pi + c * ld : NULL, gm, gt, gp);
         if (need_gammas) {
             const double lg_sum = row_gammas(g, xr, tr, lgamma_t, digamma_t, nz, lg_work, dg_work,
                                              want_t ? gt : NULL);
@@ -376,7 +376,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, const floa
         if (lgamma_cell != NULL) total += lgamma_cell[c];
         nll[c] = (float)((const_term != NULL ? (double)const_term[c] : 0.0) - total);
         if (want_logits) {
-            const float q = logits_gradient(g, mr, gm, e_row, e_sum, g_logits != NULL ? g_logits + c * g : g_s_row);
+            const float q = logits_gradient(g, mr, gm, e_row, e_sum, g_logits != NULL ? g_logits + c * ld : g_s_row);
             if (g_log_lib != NULL) g_log_lib[c] = q;
         }
     }
@@ -419,7 +419,9 @@ static int lgamma_theta_rows(int64_t row_begin, int64_t row_end, int64_t g, cons
  * per cell and gene). pi, g_mu, g_theta, g_pi may be NULL (not zero-inflated / gradient not wanted).
  * const_term (per cell, may be NULL) is added to the NLL (sum_g lgamma(x + 1)). lgamma_cell (per cell,
  * may be NULL) is sum_g lgamma(x + t) - lgamma(t) computed earlier (constant while theta is frozen); when
- * given the kernel does not recompute it (and g_theta must be NULL).
+ * given the kernel does not recompute it (and g_theta must be NULL). logits, pi, g_logits and g_pi have row
+ * stride ld >= g (ld > g: they are column ranges of a wider matrix, e.g. both decoder heads' output); the
+ * other matrices are contiguous n x g.
  *
  * Both return 0, or -1 when scratch memory could not be allocated.
  */
@@ -440,23 +442,23 @@ static int over_row_ranges(int64_t n, int n_threads, range_fn fn, const void *ar
 }
 
 typedef struct {
-    int64_t g, theta_stride;
+    int64_t g, ld, theta_stride;
     const float *x, *mu, *logits, *log_lib, *theta, *pi, *const_term, *lgamma_cell;
     float *nll, *g_mu, *g_logits, *g_log_lib, *g_theta, *g_pi;
 } nll_args;
 
 static int nll_range(int64_t begin, int64_t end, const void *args) {
     const nll_args *a = args;
-    return nb_nll_rows(begin, end, a->g, a->x, a->mu, a->logits, a->log_lib, a->theta, a->theta_stride, a->pi,
+    return nb_nll_rows(begin, end, a->g, a->ld, a->x, a->mu, a->logits, a->log_lib, a->theta, a->theta_stride, a->pi,
                        a->const_term, a->lgamma_cell, a->nll, a->g_mu, a->g_logits, a->g_log_lib, a->g_theta,
                        a->g_pi);
 }
 
-int atlasmap_nb_nll(int64_t n, int64_t g, const float *x, const float *mu, const float *logits,
+int atlasmap_nb_nll(int64_t n, int64_t g, int64_t ld, const float *x, const float *mu, const float *logits,
                     const float *log_lib, const float *theta, int64_t theta_stride, const float *pi,
                     const float *const_term, const float *lgamma_cell, float *nll, float *g_mu, float *g_logits,
                     float *g_log_lib, float *g_theta, float *g_pi, int n_threads) {
-    const nll_args args = {g, theta_stride, x, mu, logits, log_lib, theta, pi, const_term, lgamma_cell,
+    const nll_args args = {g, ld, theta_stride, x, mu, logits, log_lib, theta, pi, const_term, lgamma_cell,
                            nll, g_mu, g_logits, g_log_lib, g_theta, g_pi};
     return over_row_ranges(n, n_threads, nll_range, &args);
 }

@@ -28,14 +28,23 @@ _I = ctypes.c_int64
 
 
 def load_library(path: str) -> ctypes.CDLL:
-    """Load a build of ``_nbkernel.c`` from ``path`` and declare its two functions' signatures."""
+    """Load a build of ``_nbkernel.c`` + ``_stack.c`` from ``path`` and declare its functions' signatures."""
     lib = ctypes.CDLL(path)
-    lib.atlasmap_nb_nll.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.atlasmap_nb_nll.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                    ctypes.c_int]
     lib.atlasmap_nb_nll.restype = ctypes.c_int
     lib.atlasmap_lgamma_theta_sum.argtypes = [_I, _I, _P, _P, _I, _P, ctypes.c_int]
     lib.atlasmap_lgamma_theta_sum.restype = ctypes.c_int
     lib.atlasmap_gather_rows.argtypes = [_I, _P, _P, _P, _P, _I, _P, ctypes.c_int]
     lib.atlasmap_gather_rows.restype = ctypes.c_int
+    _F, _C = ctypes.c_float, ctypes.c_int
+    lib.atlasmap_layer_forward.argtypes = [_I, _I, _P, _I, _P, _I, _P, _P, _P, _C, _F, _F, _P, _P, _P, _P]
+    lib.atlasmap_layer_backward.argtypes = [_I, _I, _P, _P, _P, _P, _C, _I, _P, _I, _P, _P, _P]
+    lib.atlasmap_latent_forward.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P]
+    lib.atlasmap_latent_backward.argtypes = [_I, _I, _P, _P, _P, _P, _F, _F, _P]
+    for name in ("atlasmap_layer_forward", "atlasmap_layer_backward", "atlasmap_latent_forward",
+                 "atlasmap_latent_backward"):
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -110,7 +119,7 @@ def _nll(x: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None, c
     g_log_lib = torch.empty(n, dtype=torch.float32) if need_log_library else None
     g_theta = torch.empty_like(x) if need_theta else None
     g_pi = torch.empty_like(x) if need_pi and pi_logits is not None else None
-    _check(lib.atlasmap_nb_nll(n, g, x.data_ptr(), _ptr(mu), _ptr(logits), _ptr(log_library), theta.data_ptr(),
+    _check(lib.atlasmap_nb_nll(n, g, g, x.data_ptr(), _ptr(mu), _ptr(logits), _ptr(log_library), theta.data_ptr(),
                                theta_stride(x, theta), _ptr(pi_logits), _ptr(const), _ptr(lgamma_cell),
                                nll.data_ptr(), _ptr(g_mu), _ptr(g_logits), _ptr(g_log_lib), _ptr(g_theta),
                                _ptr(g_pi), _threads(n, g)))
@@ -140,6 +149,23 @@ def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tens
     nll, _, *grads = _nll(x, theta, pi_logits, const, lgamma_cell, lib, logits=logits, log_library=log_library,
                           need_logits=need[0], need_log_library=need[1], need_theta=need[2], need_pi=need[3])
     return (nll, *grads)
+
+
+def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
+                 zero_inflated: bool, const: torch.Tensor | None, lgamma_cell: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nb_nll_logits` on both decoder heads' output in one matrix: ``heads`` is n x 2G (expression
+    logits, then zero-inflation logits) or n x G (NB), as one matmul with the heads' stacked weights gives
+    it. Returns the per-cell NLL and d NLL / d ``heads`` (same layout) for a frozen ``theta``."""
+    lib = _library()
+    n, g = x.shape
+    nll = torch.empty(n, dtype=torch.float32)
+    grad = torch.empty_like(heads)
+    pi, g_pi = (heads.data_ptr() + 4 * g, grad.data_ptr() + 4 * g) if zero_inflated else (None, None)
+    _check(lib.atlasmap_nb_nll(n, g, heads.shape[1], x.data_ptr(), None, heads.data_ptr(), log_library.data_ptr(),
+                               theta.data_ptr(), theta_stride(x, theta), pi, _ptr(const), _ptr(lgamma_cell),
+                               nll.data_ptr(), None, grad.data_ptr(), None, None, g_pi, _threads(n, g)))
+    return nll, grad
 
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""The hand-written query-training step (atlasmap.models.frozen_step) against autograd.
+
+After surgery scVI's training uses :class:`FrozenStep` instead of ``module.loss(...).backward()``. These
+tests check that it computes the same loss and the same gradients of the trainable blocks (and none of
+anything else), draws the same random numbers, and that it is only used where it applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from support import SMALL, simulate, split_by_batch
+
+import atlasmap
+from atlasmap.models import frozen_step as fs
+from atlasmap.nn import kernel
+from atlasmap.train import TrainConfig, train_module, with_frozen_fields
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="the compiled kernels are not installed")
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Any, Any]:
+    return split_by_batch(simulate(480, seed=3))
+
+
+def query_module(data: tuple[Any, Any], *, surgery: dict | None = None, **arch: Any) -> tuple[Any, Any]:
+    """(query module in training mode, its cells with the frozen fields) after a short reference training."""
+    ref, query = data
+    kwargs = {**SMALL, **arch}
+    model = atlasmap.SCVI(ref, batch_key="batch", **kwargs)
+    model.train(max_epochs=2, progress_bar=False)
+    qmodel = atlasmap.SCVI.load_query_data(query, model, **(surgery or {}))
+    module = qmodel.module
+    cells = with_frozen_fields(module, qmodel._cells(training=True))
+    module.train()
+    return module, cells
+
+
+def autograd_and_fused(module: Any, cells: Any, kl_weight: float = 0.37, seed: int = 11) -> tuple:
+    """Loss terms and trainable gradients of one minibatch, by autograd and by the fused step (same RNG)."""
+    step = fs.frozen_step(module, cells)
+    assert step is not None
+    rows = np.random.default_rng(seed).permutation(cells.n_cells)[:64]
+    batch = cells.batch(rows)
+    params = [p for p in module.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    ref_terms = module.loss(batch, kl_weight)
+    ref_terms.loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    terms = step(batch, kl_weight)
+    return ref_terms, terms, ref_grads, [p.grad.clone() for p in params]
+
+
+def assert_same(ref_terms: Any, terms: Any, ref_grads: list, grads: list) -> None:
+    torch.testing.assert_close(terms.reconstruction, ref_terms.reconstruction.detach(), rtol=2e-6, atol=1e-3)
+    torch.testing.assert_close(terms.kl, ref_terms.kl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms.loss, ref_terms.loss.detach(), rtol=2e-6, atol=1e-4)
+    assert len(grads) == len(ref_grads) > 0
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert want.abs().max() > 0  # every trainable block is read by the minibatch
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("arch", [
+    {},  # ZINB, deep injection, layer norm in both, dropout on
+    {"gene_likelihood": "nb", "deeply_inject_covariates": False},
+    {"use_layer_norm": "none", "n_layers": 1},
+    {"use_layer_norm": "encoder", "n_layers": 3, "dropout_rate": 0.3},
+    pytest.param({"encode_covariates": False},
+                 marks=pytest.mark.filterwarnings("ignore:the reference was trained with encode_covariates")),
+])
+def test_fused_step_matches_autograd(data: tuple, arch: dict) -> None:
+    module, cells = query_module(data, **arch)
+    assert_same(*autograd_and_fused(module, cells))
+
+
+def test_fused_step_with_two_covariates_across_blocks() -> None:
+    """``donor`` has a reference category (d1, block 0, frozen) and a new one (d2, block 1) in the query:
+    codes must find their block and only the trainable block may receive gradient."""
+    ref, query = split_by_batch(simulate(480, seed=4))
+    model = atlasmap.SCVI(ref, batch_key="batch", categorical_covariate_keys=["donor"], **SMALL)
+    model.train(max_epochs=2, progress_bar=False)
+    qmodel = atlasmap.SCVI.load_query_data(query, model)
+    module = qmodel.module
+    cells = with_frozen_fields(module, qmodel._cells(training=True))
+    module.train()
+    codes = cells.fields["cat"][:, 1]
+    assert {0, 1} <= set(codes.tolist()) or {1, 2} <= set(codes.tolist())  # query donors d1 (old) and d2 (new)
+    assert_same(*autograd_and_fused(module, cells))
+    frozen_blocks = [b for t in module.covariate_tables(1) for b in t.blocks if not b.requires_grad]
+    assert frozen_blocks and all(b.grad is None for b in frozen_blocks)
+
+
+def test_fused_step_with_dropout_frozen(data: tuple) -> None:
+    module, cells = query_module(data, surgery={"freeze_dropout": True})
+    step = fs.frozen_step(module, cells)
+    assert step._dropout_p() == 0.0
+    assert_same(*autograd_and_fused(module, cells))
+
+
+@pytest.mark.parametrize(("arch", "surgery"), [
+    ({}, {"unfrozen": True}),
+    ({}, {"freeze_expression": False}),
+    ({}, {"freeze_decoder_first_layer": False}),
+    ({"use_batch_norm": "both", "use_layer_norm": "none"}, {}),
+    ({"dispersion": "gene-batch"}, {}),
+    ({"gene_likelihood": "poisson"}, {}),
+])
+def test_fused_step_only_where_it_applies(data: tuple, arch: dict, surgery: dict) -> None:
+    module, cells = query_module(data, surgery=surgery, **arch)
+    assert fs.frozen_step(module, cells) is None
+
+
+def test_reference_training_and_disabled_kernel_use_autograd(data: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref, _ = data
+    model = atlasmap.SCVI(ref, batch_key="batch", **SMALL)
+    assert fs.frozen_step(model.module, model._cells(training=True)) is None  # everything trains
+    module, cells = query_module(data)
+    assert fs.frozen_step(module, cells) is not None
+    monkeypatch.setenv("ATLASMAP_KERNEL", "0")
+    assert fs.frozen_step(module, cells) is None
+
+
+def test_training_with_fused_step_matches_autograd_training(data: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few epochs of query training: the fused step and autograd reach the same blocks (same random
+    numbers; the two differ by float32 rounding only), and the frozen weights do not move."""
+    module, cells = query_module(data)
+    frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    config = TrainConfig(max_epochs=3, batch_size=32, progress_bar=False)
+    used = []
+    real_build = fs.frozen_step
+
+    def spy(module_: Any, cells_: Any) -> Any:
+        step = real_build(module_, cells_)
+        used.append(step is not None)
+        return step
+
+    monkeypatch.setattr(fs, "frozen_step", spy)
+    hist_fused = train_module(module, cells, config)
+    fused = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert used == [True]
+    for name, p in module.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(p, frozen_before[name]), name
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(initial[name])
+    monkeypatch.setattr(fs, "frozen_step", lambda *_: None)
+    hist_autograd = train_module(module, cells, config)
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(fused[name], initial[name])  # the blocks trained
+            torch.testing.assert_close(fused[name], p.detach(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(hist_fused["elbo_train"], hist_autograd["elbo_train"], rtol=1e-4)
