@@ -135,21 +135,25 @@ def log_factorial_rows(csr: sp.csr_matrix, chunk: int = 1 << 22) -> np.ndarray:
     in blocks of about ``chunk`` nonzeros (bounded temporary memory)."""
     from scipy.special import gammaln
 
-    indptr = csr.indptr
+    indptr, table = csr.indptr, _log_factorial_table()
     out = np.zeros(csr.shape[0], dtype=np.float64)
     lo = 0
     while lo < csr.shape[0]:
         hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + chunk, side="right")) - 1)
         hi = min(hi, csr.shape[0])
         a, b = int(indptr[lo]), int(indptr[hi])
-        data = csr.data[a:b].astype(np.float64)
-        as_int = np.minimum(data, _LOG_FACTORIAL_TABLE_SIZE - 1).astype(np.int64)
-        values = _log_factorial_table()[as_int]
-        other = as_int != data  # large or non-integer values
-        if other.any():
-            values[other] = gammaln(data[other] + 1.0)
-        row_of = np.repeat(np.arange(hi - lo), np.diff(indptr[lo:hi + 1]))
-        out[lo:hi] = np.bincount(row_of, weights=values, minlength=hi - lo)
+        if b > a:
+            data = csr.data[a:b]
+            as_int = data.astype(np.int32)  # truncates; values it does not represent are redone below
+            np.clip(as_int, 0, _LOG_FACTORIAL_TABLE_SIZE - 1, out=as_int)
+            values = table[as_int]
+            other = np.flatnonzero(as_int != data)  # large or non-integer values
+            if other.size:
+                values[other] = gammaln(data[other].astype(np.float64) + 1.0)
+            starts = indptr[lo:hi] - a
+            nonempty = starts < indptr[lo + 1:hi + 1] - a
+            # reduceat sums values[starts[i]:starts[i + 1]]; an empty row would read its neighbour's value
+            out[lo:hi][nonempty] = np.add.reduceat(values, starts[nonempty])
         lo = hi
     return out.astype(np.float32)
 
