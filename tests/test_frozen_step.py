@@ -160,3 +160,20 @@ def test_training_with_fused_step_matches_autograd_training(data: tuple, monkeyp
             assert not torch.equal(fused[name], initial[name])  # the blocks trained
             torch.testing.assert_close(fused[name], p.detach(), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(hist_fused["elbo_train"], hist_autograd["elbo_train"], rtol=1e-4)
+
+
+def test_dropout_uniforms_seeded_and_uniform() -> None:
+    """The compiled dropout generator: fixed by torch.manual_seed, new draws each call, uniform on [0, 1)."""
+    from scipy import stats
+
+    torch.manual_seed(3)
+    a, b = kernel.uniform(300, 700), kernel.uniform(300, 700)
+    torch.manual_seed(3)
+    assert torch.equal(kernel.uniform(300, 700), a)
+    assert not torch.equal(a, b)
+    values = a.flatten().double().numpy()
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert stats.kstest(values[:50_000], "uniform").pvalue > 1e-3
+    assert abs(float((a < 0.1).double().mean()) - 0.1) < 0.003  # the keep rate of dropout p = 0.1
+    # neighbouring entries are not correlated (a counter-based generator's weak point)
+    assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.01

@@ -141,7 +141,7 @@ class FrozenStep:
 
     def _forward(self, layer: _Layer, pre: torch.Tensor, cat: torch.Tensor, p: float) -> tuple:
         n, h = pre.shape
-        factor = torch.rand(n, h) if p > 0 else None  # the autograd path's Dropout draws rand_like(h)
+        factor = kernel.uniform(n, h) if p > 0 else None  # as the autograd path's Dropout draws them
         y, out = torch.empty(n, h), torch.empty(n, h)
         rstd = torch.empty(n)
         n_blocks, block_rows, block_ptr, _ = layer.addresses

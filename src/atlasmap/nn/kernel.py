@@ -42,7 +42,8 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.atlasmap_layer_backward.argtypes = [_I, _I, _P, _P, _P, _P, _C, _I, _P, _I, _P, _P, _P]
     lib.atlasmap_latent_forward.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P]
     lib.atlasmap_latent_backward.argtypes = [_I, _I, _P, _P, _P, _P, _F, _F, _P]
-    for name in ("atlasmap_layer_forward", "atlasmap_layer_backward", "atlasmap_latent_forward",
+    lib.atlasmap_uniform.argtypes = [_I, ctypes.c_uint64, _P]
+    for name in ("atlasmap_uniform", "atlasmap_layer_forward", "atlasmap_layer_backward", "atlasmap_latent_forward",
                  "atlasmap_latent_backward"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
@@ -166,6 +167,18 @@ def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor
                                theta.data_ptr(), theta_stride(x, theta), pi, _ptr(const), _ptr(lgamma_cell),
                                nll.data_ptr(), None, grad.data_ptr(), None, None, g_pi, _threads(n, g)))
     return nll, grad
+
+
+def uniform(n_rows: int, n_cols: int) -> torch.Tensor:
+    """``torch.rand(n_rows, n_cols)``-like uniform floats in [0, 1) for dropout masks, ~4x faster on CPU: the
+    compiled counter-based generator, seeded from PyTorch's default generator (``torch.manual_seed`` fixes
+    the result). Falls back to ``torch.rand`` without the compiled kernels."""
+    if not available():
+        return torch.rand(n_rows, n_cols)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)) & 0xFFFFFFFFFFFFFFFF
+    out = torch.empty(n_rows, n_cols, dtype=torch.float32)
+    _library().atlasmap_uniform(n_rows * n_cols, seed, out.data_ptr())
+    return out
 
 
 def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
