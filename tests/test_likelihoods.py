@@ -252,8 +252,14 @@ def test_softmax_fused_likelihood_without_gradients_and_with_frozen_theta(implem
     close(pre, plain.double(), 1e-5)
 
 
-def test_log_factorial_rows_table_and_gammaln_paths() -> None:
-    """The per-cell sum log x! of the data: table lookup for small integers, gammaln for the rest."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_log_factorial_rows_table_and_gammaln_paths(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-cell sum log x! of the data: table lookup for small integers, gammaln for the rest (the
+    compiled kernel and the numpy chunks)."""
+    if compiled and not kernel.available():
+        pytest.skip("the compiled kernel is not installed")
+    if not compiled:
+        monkeypatch.setenv("ATLASMAP_KERNEL", "0")
     import scipy.sparse as sp
     from scipy.special import gammaln
 
@@ -270,3 +276,40 @@ def test_log_factorial_rows_table_and_gammaln_paths() -> None:
     want = gammaln(many.astype(np.float64) + 1).sum(1).astype(np.float32)
     for chunk in (1, 5, 17, 1 << 22):
         np.testing.assert_allclose(log_factorial_rows(sp.csr_matrix(many), chunk=chunk), want, rtol=1e-6)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="the compiled kernel is not installed")
+def test_count_flags_each_kind_anywhere() -> None:
+    """The one-pass count check flags each kind of bad value wherever it is (vector body, tail, later chunk)."""
+    for size in (7, 1000, (1 << 16) * 3 + 5):
+        ok = np.random.default_rng(size).poisson(3.0, size).astype(np.float32)
+        ok[0] = -0.0  # a zero
+        ok[-1] = 2.0**24  # the largest exact count is allowed
+        assert kernel.count_flags(ok) == 0
+        for bad, flag in ((np.nan, 1), (np.inf, 1 | 8), (-np.inf, 1 | 2), (-1.0, 2), (0.5, 4), (1e-40, 4), (3.0000002, 4),
+                          (2.0**24 + 2, 8)):
+            for pos in (0, size // 2, size - 2):
+                values = ok.copy()
+                values[pos] = bad
+                assert kernel.count_flags(values) == flag, (size, bad, pos)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="the compiled kernel is not installed")
+def test_lgamma_theta_sum_from_csr_equals_dense() -> None:
+    """The CSR variant reads only stored nonzeros (explicit zeros skipped, empty rows 0) and gives the dense
+    kernel's bits; both agree with float64 lgamma differences."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(1)
+    dense = rng.poisson(1.5, (300, 500)).astype(np.float32)
+    dense[5] = 0.0
+    dense[7, :4] = [20.0, 0.5, 3000.0, 9.0]
+    csr = sp.csr_matrix(dense)
+    csr.data[0] = 0.0  # an explicit zero stays a zero
+    theta = torch.exp(torch.randn(500, generator=torch.Generator().manual_seed(0)) * 2)
+    got = kernel.lgamma_theta_sum_csr(csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data, theta)
+    x = torch.from_numpy(csr.toarray())
+    assert torch.equal(got, kernel.lgamma_theta_sum(x, theta))
+    assert got[5] == 0.0
+    want = (torch.lgamma(x.double() + theta.double()) - torch.lgamma(theta.double())).sum(1)
+    close(got, want, 1e-6)

@@ -73,12 +73,17 @@ class CellData:
 
         if not kernel.available():
             return torch.from_numpy(gather_csr_rows(self.counts, rows))
-        if self._csr_arrays is None:  # the dtypes the kernel reads, converted once
+        return kernel.gather_rows(*self.csr_arrays(), self.counts.shape[1], rows)
+
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indptr int64, indices int32, data float32)`` of CSR counts, as the compiled kernels read them
+        (converted once, shared otherwise)."""
+        if self._csr_arrays is None:
             csr = self.counts
             self._csr_arrays = (np.ascontiguousarray(csr.indptr, dtype=np.int64),
                                 np.ascontiguousarray(csr.indices, dtype=np.int32),
                                 np.ascontiguousarray(csr.data, dtype=np.float32))
-        return kernel.gather_rows(*self._csr_arrays, self.counts.shape[1], rows)
+        return self._csr_arrays
 
     def subset(self, rows: np.ndarray) -> CellData:
         rows = np.asarray(rows)
@@ -132,9 +137,14 @@ def _log_factorial_table() -> np.ndarray:
 
 def log_factorial_rows(csr: sp.csr_matrix, chunk: int = 1 << 22) -> np.ndarray:
     """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing),
-    in blocks of about ``chunk`` nonzeros (bounded temporary memory)."""
+    in blocks of about ``chunk`` nonzeros (bounded temporary memory); one pass of the compiled kernel when
+    it is installed and the data are float32."""
     from scipy.special import gammaln
 
+    from atlasmap.nn import kernel
+
+    if kernel.available() and csr.data.dtype == np.float32 and csr.data.flags.c_contiguous:
+        return kernel.log_factorial_rows(np.ascontiguousarray(csr.indptr, dtype=np.int64), csr.data)
     indptr, table = csr.indptr, _log_factorial_table()
     out = np.zeros(csr.shape[0], dtype=np.float64)
     lo = 0

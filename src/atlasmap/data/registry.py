@@ -265,6 +265,9 @@ def validate_counts(
         values = arr
         csr = None
     names = (obs_names, var_names)
+    if _all_counts_compiled(values):
+        csr = sp.csr_matrix(values) if csr is None else csr
+        return _canonical_float32(csr)
     # each check scans the values in chunks (no full-size temporary mask); the full mask is built only to
     # name the first offending entry
     if values.dtype.kind == "f" and _any_chunked(values, lambda v: ~np.isfinite(v)):
@@ -292,10 +295,23 @@ def validate_counts(
             f"{where} holds counts above 2^24 ({float(values.max()):.0f}); float32 cannot represent them exactly. "
             "These are not UMI counts of one cell."
         )
-    csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32)) if csr is None else csr.astype(np.float32, copy=False)
+    csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32)) if csr is None else csr
+    return _canonical_float32(csr)
+
+
+def _canonical_float32(csr: sp.csr_matrix) -> sp.csr_matrix:
+    csr = csr.astype(np.float32, copy=False)
     csr.sum_duplicates()
     csr.sort_indices()
     return csr
+
+
+def _all_counts_compiled(values: np.ndarray) -> bool:
+    """True when the compiled kernel, in one pass over float32 ``values``, finds only counts (no NaN/inf,
+    negative, non-integer or > 2^24 values); False when it finds any or cannot run (numpy checks then)."""
+    from atlasmap.nn import kernel
+
+    return values.dtype == np.float32 and kernel.available() and kernel.count_flags(values) == 0
 
 
 def check_library_sizes(totals: np.ndarray, obs_names: pd.Index) -> None:

@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlasmap.nn import kernel
 from atlasmap.nn.layers import CovariateTable, FCStack
 from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll, nb_nll_logits
 
@@ -88,6 +90,12 @@ def hold_frozen_in_eval(module: nn.Module) -> None:
         for m in module.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
+
+def _csr_on_cpu(cells: Any, theta: torch.Tensor) -> bool:
+    """Whether ``cells`` hold in-memory CSR counts the compiled kernels can read, with ``theta`` on CPU."""
+    return (hasattr(cells, "csr_arrays") and sp.issparse(getattr(cells, "counts", None)) and kernel.available()
+            and theta.device.type == "cpu" and theta.dtype == torch.float32)
+
 
 @dataclass
 class LossTerms:
@@ -250,7 +258,10 @@ class SCVIModule(nn.Module):
         device = next(self.parameters()).device
         out: dict[str, list[torch.Tensor]] = {ENCODER_FIRST: [], LGAMMA_THETA: []}
         theta = torch.exp(self.px_r) if want_lgamma else None
-        for lo in range(0, cells.n_cells, batch_size):
+        if want_lgamma and _csr_on_cpu(cells, theta):  # straight from the stored nonzeros
+            out[LGAMMA_THETA].append(kernel.lgamma_theta_sum_csr(*cells.csr_arrays(), theta.contiguous()))
+            want_lgamma = False
+        for lo in range(0, cells.n_cells, batch_size) if want_first or want_lgamma else ():
             x = cells.batch(np.arange(lo, min(lo + batch_size, cells.n_cells)), device)["x"]
             if want_first:
                 out[ENCODER_FIRST].append(first(log_counts(x)))

@@ -237,22 +237,17 @@ ATLASMAP_CLONES static void theta_tables(int64_t g, const float *restrict t, flo
 #define VECTOR_COUNT 8
 #define MAX_THETA_FOR_VECTOR 1e8f
 
-/* sum_g lgamma(x + t) - lgamma(t) over the nonzero counts of one row, and, when g_t is given,
- * g_t[j] -= digamma(x + t) - digamma(t). The nonzero entries are first compacted (branch-free); integer
- * counts 1..VECTOR_COUNT then take a vectorised finite product / sum of reciprocals, others count_gammas. */
-ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, const float *restrict t,
-                                         double *restrict lgamma_t, double *restrict digamma_t,
-                                         int32_t *restrict nz, float *restrict lg, float *restrict dg,
-                                         float *restrict g_t) {
-    int64_t m = 0;
-    for (int64_t j = 0; j < g; j++) {
-        nz[m] = (int32_t)j;
-        m += x[j] > 0.0f;
-    }
+/* sum_k lgamma(xs[k] + t[cols[k]]) - lgamma(t[cols[k]]) over m nonzero counts xs of one row, and, when g_t
+ * is given, g_t[cols[k]] -= digamma(xs[k] + t) - digamma(t). Integer counts 1..VECTOR_COUNT take a vectorised
+ * finite product / sum of reciprocals, others count_gammas (lgamma_t / digamma_t cache per column). */
+ATLASMAP_CLONES static double nonzero_gammas(int64_t m, const int32_t *restrict cols, const float *restrict xs,
+                                             const float *restrict t, double *restrict lgamma_t,
+                                             double *restrict digamma_t, float *restrict lg, float *restrict dg,
+                                             float *restrict g_t) {
     float small_sum = 0.0f;
 #pragma omp simd reduction(+ : small_sum)
     for (int64_t k = 0; k < m; k++) {
-        const float xv = x[nz[k]], tv = t[nz[k]];
+        const float xv = xs[k], tv = t[cols[k]];
         const int small = (xv <= (float)VECTOR_COUNT) & ((float)(int)xv == xv) & (tv < MAX_THETA_FOR_VECTOR);
         /* factor i is t + i while i < x, else 1 (its reciprocal then 0) */
         const float f1 = xv > 1.0f ? tv + 1.0f : 1.0f, f2 = xv > 2.0f ? tv + 2.0f : 1.0f;
@@ -269,16 +264,31 @@ ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, con
     }
     double total = small_sum;
     for (int64_t k = 0; k < m; k++) {
-        const int32_t j = nz[k];
+        const int32_t j = cols[k];
         if (lg[k] != 0.0f) {
             double l, d;
-            count_gammas(x[j], t[j], lgamma_t + j, digamma_t + j, &l, &d);
+            count_gammas(xs[k], t[j], lgamma_t + j, digamma_t + j, &l, &d);
             total += l;
             dg[k] = (float)d;
         }
         if (g_t != NULL) g_t[j] -= dg[k];
     }
     return total;
+}
+
+/* nonzero_gammas of a dense row of g counts: its positive entries are first compacted (branch-free) into
+ * nz (columns) and xs (values). */
+ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, const float *restrict t,
+                                         double *restrict lgamma_t, double *restrict digamma_t,
+                                         int32_t *restrict nz, float *restrict xs, float *restrict lg,
+                                         float *restrict dg, float *restrict g_t) {
+    int64_t m = 0;
+    for (int64_t j = 0; j < g; j++) {
+        nz[m] = (int32_t)j;
+        xs[m] = x[j];
+        m += x[j] > 0.0f;
+    }
+    return nonzero_gammas(m, nz, xs, t, lgamma_t, digamma_t, lg, dg, g_t);
 }
 
 /*
@@ -336,7 +346,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld
     if (any_grad) row = zi ? (want_t ? row_zinb_mu_t_pi : row_zinb_mu_pi) : (want_t ? row_nb_mu_t : row_nb_mu);
 
     double *lgamma_t = malloc(sizeof(double) * 2 * (size_t)g);
-    float *buf = malloc(sizeof(float) * 11 * (size_t)g);
+    float *buf = malloc(sizeof(float) * 12 * (size_t)g);
     if (buf == NULL || lgamma_t == NULL) {
         free(buf);
         free(lgamma_t);
@@ -348,6 +358,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld
     float *lg_work = buf + 5 * g, *dg_work = buf + 6 * g;
     int32_t *nz = (int32_t *)(buf + 7 * g);
     float *mu_row = buf + 8 * g, *e_row = buf + 9 * g, *g_s_row = buf + 10 * g;  /* from logits */
+    float *xs_work = buf + 11 * g;
     const int need_gammas = lgamma_cell == NULL || want_t;
 
     for (int64_t c = row_begin; c < row_end; c++) {
@@ -369,7 +380,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld
         float *gp = want_pi ? g_pi + c * ld : s_pi;
         double total = row(g, xr, mr, tr, log_t, inv_t, zi ? pi + c * ld : NULL, gm, gt, gp);
         if (need_gammas) {
-            const double lg_sum = row_gammas(g, xr, tr, lgamma_t, digamma_t, nz, lg_work, dg_work,
+            const double lg_sum = row_gammas(g, xr, tr, lgamma_t, digamma_t, nz, xs_work, lg_work, dg_work,
                                              want_t ? gt : NULL);
             if (lgamma_cell == NULL) total += lg_sum;
         }
@@ -389,7 +400,7 @@ static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld
 static int lgamma_theta_rows(int64_t row_begin, int64_t row_end, int64_t g, const float *x,
                              const float *theta, int64_t theta_stride, float *out) {
     double *tab = malloc(sizeof(double) * 2 * (size_t)g);
-    float *work = malloc(sizeof(float) * 3 * (size_t)g);
+    float *work = malloc(sizeof(float) * 4 * (size_t)g);
     if (tab == NULL || work == NULL) {
         free(tab);
         free(work);
@@ -399,7 +410,8 @@ static int lgamma_theta_rows(int64_t row_begin, int64_t row_end, int64_t g, cons
         const float *tr = theta + c * theta_stride;
         if (c == row_begin || theta_stride != 0)
             for (int64_t j = 0; j < g; j++) tab[j] = NAN;
-        out[c] = (float)row_gammas(g, x + c * g, tr, tab, tab + g, (int32_t *)(work + 2 * g), work, work + g, NULL);
+        out[c] = (float)row_gammas(g, x + c * g, tr, tab, tab + g, (int32_t *)(work + 2 * g), work + 3 * g, work,
+                                   work + g, NULL);
     }
     free(tab);
     free(work);
@@ -463,21 +475,63 @@ int atlasmap_nb_nll(int64_t n, int64_t g, int64_t ld, const float *x, const floa
     return over_row_ranges(n, n_threads, nll_range, &args);
 }
 
+/* lgamma_theta_rows of rows [row_begin, row_end) of a CSR matrix (int64 indptr, int32 indices, float32 data)
+ * with one inverse dispersion per column (theta, g values). */
+static int lgamma_theta_csr_rows(int64_t row_begin, int64_t row_end, int64_t g, const int64_t *indptr,
+                                 const int32_t *indices, const float *data, const float *theta, float *out) {
+    int64_t longest = 0;
+    for (int64_t c = row_begin; c < row_end; c++)
+        longest = indptr[c + 1] - indptr[c] > longest ? indptr[c + 1] - indptr[c] : longest;
+    double *tab = malloc(sizeof(double) * 2 * (size_t)g);
+    float *work = malloc(sizeof(float) * 4 * (size_t)(longest + 1));
+    if (tab == NULL || work == NULL) {
+        free(tab);
+        free(work);
+        return -1;
+    }
+    for (int64_t j = 0; j < g; j++) tab[j] = NAN;
+    int32_t *cols = (int32_t *)(work + 2 * (longest + 1));
+    float *xs = work + 3 * (longest + 1);
+    for (int64_t c = row_begin; c < row_end; c++) {
+        int64_t m = 0;
+        for (int64_t k = indptr[c]; k < indptr[c + 1]; k++) {  /* explicit zeros are skipped */
+            cols[m] = indices[k];
+            xs[m] = data[k];
+            m += data[k] > 0.0f;
+        }
+        out[c] = (float)nonzero_gammas(m, cols, xs, theta, tab, tab + g, work, work + longest + 1, NULL);
+    }
+    free(tab);
+    free(work);
+    return 0;
+}
+
 typedef struct {
     int64_t g, theta_stride;
     const float *x, *theta;
     float *out;
+    const int64_t *indptr;  /* CSR input when not NULL (x is then its data) */
+    const int32_t *indices;
 } lgamma_args;
 
 static int lgamma_range(int64_t begin, int64_t end, const void *args) {
     const lgamma_args *a = args;
+    if (a->indptr != NULL) return lgamma_theta_csr_rows(begin, end, a->g, a->indptr, a->indices, a->x, a->theta, a->out);
     return lgamma_theta_rows(begin, end, a->g, a->x, a->theta, a->theta_stride, a->out);
 }
 
 /* Per-cell sum_g lgamma(x + t) - lgamma(t) of an n x g matrix (theta as in atlasmap_nb_nll). */
 int atlasmap_lgamma_theta_sum(int64_t n, int64_t g, const float *x, const float *theta, int64_t theta_stride,
                               float *out, int n_threads) {
-    const lgamma_args args = {g, theta_stride, x, theta, out};
+    const lgamma_args args = {g, theta_stride, x, theta, out, NULL, NULL};
+    return over_row_ranges(n, n_threads, lgamma_range, &args);
+}
+
+/* The same of the n rows of a CSR matrix of g columns (int64 indptr, int32 indices, float32 data), theta per
+ * column. */
+int atlasmap_lgamma_theta_sum_csr(int64_t n, int64_t g, const int64_t *indptr, const int32_t *indices,
+                                  const float *data, const float *theta, float *out, int n_threads) {
+    const lgamma_args args = {g, 0, data, theta, out, indptr, indices};
     return over_row_ranges(n, n_threads, lgamma_range, &args);
 }
 
@@ -498,6 +552,59 @@ int atlasmap_gather_rows(int64_t n_rows, const int64_t *rows, const int64_t *ind
         memset(dst, 0, sizeof(float) * (size_t)g);
         const int64_t r = rows[i];
         for (int64_t k = indptr[r]; k < indptr[r + 1]; k++) dst[indices[k]] = data[k];
+    }
+    return 0;
+}
+
+/*
+ * Raw-count checks of n float32 values in one pass (the data loader's validation): returns a bit mask,
+ * 1 = NaN or infinite, 2 = negative, 4 = not an integer, 8 = above 2^24; 0 when all are counts. The caller
+ * redoes the failing check in numpy to name an offending entry.
+ */
+ATLASMAP_CLONES static int count_flags(int64_t n, const float *restrict v) {
+    int nonfinite = 0, negative = 0, fraction = 0, large = 0;
+#pragma omp simd reduction(| : nonfinite, negative, fraction, large)
+    for (int64_t i = 0; i < n; i++) {
+        const float x = v[i];
+        nonfinite |= !(x - x == 0.0f);          /* NaN and +-inf give NaN */
+        negative |= x < 0.0f;
+        fraction |= (x < 16777216.0f) & (x != (float)(int32_t)x);  /* truncation of a float below 2^24 */
+        large |= x > 16777216.0f;
+    }
+    return nonfinite | (negative << 1) | (fraction << 2) | (large << 3);
+}
+
+int atlasmap_check_counts(int64_t n, const float *values, int n_threads) {
+    int flags = 0;
+    const int64_t chunk = 1 << 16;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && n > chunk) schedule(static) reduction(| : flags)
+#else
+    (void)n_threads;
+#endif
+    for (int64_t lo = 0; lo < n; lo += chunk) flags |= count_flags(n - lo < chunk ? n - lo : chunk, values + lo);
+    return flags;
+}
+
+/* sum_g lgamma(x + 1) of each row of a CSR matrix of counts (float32 data, int64 indptr): integer values
+ * below 1024 from a table, others with lgamma in double. */
+int atlasmap_log_factorial_rows(int64_t n_rows, const int64_t *indptr, const float *data, float *out,
+                                int n_threads) {
+    double table[1024];
+    for (int k = 0; k < 1024; k++) table[k] = lgamma((double)k + 1.0);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1) schedule(static)
+#else
+    (void)n_threads;
+#endif
+    for (int64_t r = 0; r < n_rows; r++) {
+        double total = 0.0;
+        for (int64_t k = indptr[r]; k < indptr[r + 1]; k++) {
+            const float x = data[k];
+            const int small = x >= 0.0f && x < 1024.0f && (float)(int)x == x;
+            total += small ? table[(int)x] : lgamma((double)x + 1.0);
+        }
+        out[r] = (float)total;
     }
     return 0;
 }

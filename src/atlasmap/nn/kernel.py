@@ -42,9 +42,13 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.atlasmap_layer_backward.argtypes = [_I, _I, _P, _P, _P, _P, _C, _I, _P, _I, _P, _P, _P]
     lib.atlasmap_latent_forward.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P]
     lib.atlasmap_latent_backward.argtypes = [_I, _I, _P, _P, _P, _P, _F, _F, _P]
+    lib.atlasmap_lgamma_theta_sum_csr.argtypes = [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.atlasmap_lgamma_theta_sum_csr.restype = ctypes.c_int
     lib.atlasmap_uniform.argtypes = [_I, ctypes.c_uint64, _P]
-    for name in ("atlasmap_uniform", "atlasmap_layer_forward", "atlasmap_layer_backward", "atlasmap_latent_forward",
-                 "atlasmap_latent_backward"):
+    lib.atlasmap_check_counts.argtypes = [_I, _P, ctypes.c_int]
+    lib.atlasmap_log_factorial_rows.argtypes = [_I, _P, _P, _P, ctypes.c_int]
+    for name in ("atlasmap_uniform", "atlasmap_check_counts", "atlasmap_log_factorial_rows", "atlasmap_layer_forward",
+                 "atlasmap_layer_backward", "atlasmap_latent_forward", "atlasmap_latent_backward"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -169,6 +173,18 @@ def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor
     return nll, grad
 
 
+def lgamma_theta_sum_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, theta: torch.Tensor,
+                         ) -> torch.Tensor:
+    """:func:`lgamma_theta_sum` of CSR counts (``indptr`` int64, ``indices`` int32, ``data`` float32, contiguous)
+    with ``theta`` per gene, over the stored nonzeros only (no dense rows). Callers check :func:`available`."""
+    n = indptr.size - 1
+    out = torch.empty(n, dtype=torch.float32)
+    n_threads = 1 if data.size < PARALLEL_MIN_ENTRIES else max(1, min(torch.get_num_threads(), n))
+    _check(_library().atlasmap_lgamma_theta_sum_csr(n, theta.numel(), indptr.ctypes.data, indices.ctypes.data,
+                                                    data.ctypes.data, theta.data_ptr(), out.data_ptr(), n_threads))
+    return out
+
+
 def uniform(n_rows: int, n_cols: int) -> torch.Tensor:
     """``torch.rand(n_rows, n_cols)``-like uniform floats in [0, 1) for dropout masks, ~4x faster on CPU: the
     compiled counter-based generator, seeded from PyTorch's default generator (``torch.manual_seed`` fixes
@@ -188,6 +204,24 @@ def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | No
     out = torch.empty(n, dtype=torch.float32)
     _check(lib.atlasmap_lgamma_theta_sum(n, g, x.data_ptr(), theta.data_ptr(), theta_stride(x, theta),
                                          out.data_ptr(), _threads(n, g)))
+    return out
+
+
+def count_flags(values: np.ndarray) -> int:
+    """One pass over float32 ``values``: bit 1 NaN/inf, 2 negative, 4 non-integer, 8 above 2^24 (0: all are
+    counts). Callers check :func:`available`."""
+    values = np.ascontiguousarray(values.reshape(-1))
+    n_threads = max(1, min(torch.get_num_threads(), values.size >> 20))
+    return int(_library().atlasmap_check_counts(values.size, values.ctypes.data, n_threads))
+
+
+def log_factorial_rows(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """``sum_g lgamma(x_g + 1)`` per row of CSR counts (``indptr`` int64, ``data`` float32, contiguous).
+    Callers check :func:`available`."""
+    n_rows = indptr.size - 1
+    out = np.empty(n_rows, dtype=np.float32)
+    n_threads = max(1, min(torch.get_num_threads(), data.size >> 16))
+    _library().atlasmap_log_factorial_rows(n_rows, indptr.ctypes.data, data.ctypes.data, out.ctypes.data, n_threads)
     return out
 
 
