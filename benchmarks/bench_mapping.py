@@ -169,8 +169,10 @@ def comparison_table(a: dict, s: dict | None, imports: dict) -> str:
         "≤ 1x", 0)
     row("import, s (`import atlasmap` / `import scvi`)", imports.get("atlasmap"), imports.get("scvi"), None, "< 2 s")
     row("import with torch + model code, s", imports.get("atlasmap_full"), None, None, "", 2)
-    for key, label in (("elbo_validation_ref", "validation ELBO / cell, reference"),
-                       ("elbo_validation_query", "validation ELBO / cell, query")):
+    for key, label in (("elbo_validation_ref", "validation ELBO / cell, reference (each tool's own split)"),
+                       ("elbo_validation_query", "validation ELBO / cell, query (each tool's own split)"),
+                       ("elbo_all_ref", "ELBO / cell, all reference cells (same cells)"),
+                       ("elbo_all_query", "ELBO / cell, all query cells (same cells)")):
         av, sv = a.get(key), s.get(key)
         rel = None if av is None or sv is None else av / sv
         rows.append(f"| {label} | {_fmt(av, 2)} | {_fmt(sv, 2)} | {_fmt(rel, 4) + 'x' if rel else '–'} | "

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     ref_latent = model.get_latent_representation()
     times["latent_ref"] = time.perf_counter() - t
+    elbo_ref_all = model.get_elbo()  # every reference cell: the same cells for both tools
     elbo_ref = float(model.history["elbo_validation"][-1]) if "elbo_validation" in model.history else None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         "query_end_to_end_s": times["surgery"] + times["query_train_total"] + times["latent_query"],
         "elbo_validation_ref": elbo_ref,
         "elbo_validation_query": float(qmodel.history["elbo_validation"][-1]),
+        "elbo_all_ref": elbo_ref_all,
+        "elbo_all_query": qmodel.get_elbo(),
         "knn_accuracy": None,
         "peak_rss_mb": peak_rss_mb(),
         "wall_total_s": time.perf_counter() - T_START,

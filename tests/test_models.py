@@ -261,3 +261,24 @@ def test_repr(ref_model: Any, query_model: Any) -> None:
     assert repr(ref_model).startswith("SCVI(reference, trained; 48 genes")
     assert repr(query_model).startswith("SCVI(query, trained")
     assert "batch: 4" in repr(query_model)
+
+
+def test_get_elbo_is_the_validation_elbo_on_the_same_cells() -> None:
+    """get_elbo on a model's own validation cells, with the validation pass's seed, is exactly the last epoch's
+    elbo_validation (same quantity, same eval-mode pass); it is seeded and refuses an untrained model."""
+    from support import simulate
+
+    from atlasmap.train import split_cells
+
+    adata = simulate(320, seed=5)
+    model = atlasmap.SCVI(adata, batch_key="batch", **SMALL)
+    with pytest.raises(NotTrainedError):
+        model.get_elbo()
+    model.train(max_epochs=3, progress_bar=False, seed=2, n_epochs_kl_warmup=None)
+    _, val_idx = split_cells(adata.n_obs, 0.9, 2)
+    val = adata[val_idx].copy()
+    validation_seed = 2 + 7919 * 3  # train.validation_rng of the last epoch (index 2)
+    elbo = model.get_elbo(val, seed=validation_seed)
+    assert elbo == pytest.approx(model.history["elbo_validation"][-1], rel=1e-6)
+    assert model.get_elbo(val, seed=validation_seed) == elbo
+    assert model.get_elbo(val, seed=1) != elbo  # other latent samples

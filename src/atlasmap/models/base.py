@@ -205,6 +205,27 @@ class BaseModel:
             out[rows] = z.cpu().numpy()
         return out
 
+    def get_elbo(self, adata: Any = None, *, batch_size: int = 1024, seed: int = 0) -> float:
+        """Negative ELBO per cell (reconstruction NLL + KL, averaged over the cells; lower is better): the
+        quantity of ``history["elbo_validation"]``, here on any cells, e.g. to compare models on the same
+        cells (scvi-tools' ``get_elbo`` computes the same per-cell quantity).
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the model's AnnData), with raw counts and known categories.
+        seed
+            Seeds the latent samples of the reconstruction term.
+        """
+        from atlasmap.train import evaluate_loss
+
+        self._check_trained()
+        cells = self._cells(adata, training=True)  # with log x!, so the NLL is the full count likelihood
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            totals = evaluate_loss(self.module, cells, np.arange(cells.n_cells), 1.0, self._device(), batch_size)
+        return float(totals[1] + totals[2]) / cells.n_cells
+
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
         """Save to a directory (``config.json`` + ``weights.safetensors``), atomically.
