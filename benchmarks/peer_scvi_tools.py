@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.save(ref_dir, overwrite=True)
         times["save_ref"] = time.perf_counter() - t
         elbo_ref = _last(model.history, "elbo_validation")
-        elbo_ref_all = float(model.get_elbo())  # every reference cell: the same cells for both tools
+        # every reference cell, the same cells for both tools; scvi-tools' get_elbo returns the ELBO itself
+        # (negative), atlasmap and the history report its negative (lower is better)
+        elbo_ref_all = -float(model.get_elbo())
         del model
 
         t = time.perf_counter()
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "elbo_validation_ref": elbo_ref,
         "elbo_validation_query": _last(qmodel.history, "elbo_validation"),
         "elbo_all_ref": elbo_ref_all,
-        "elbo_all_query": float(qmodel.get_elbo()),
+        "elbo_all_query": -float(qmodel.get_elbo()),
         "knn_accuracy": None,
         "peak_rss_mb": peak_rss_mb(),
         "wall_total_s": time.perf_counter() - T_START,
