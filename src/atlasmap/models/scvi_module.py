@@ -270,11 +270,11 @@ class SCVIModule(nn.Module):
         return {k: torch.cat(v).cpu() for k, v in out.items() if v}
 
     def fused_step(self, cells: Any) -> Any:
-        """The hand-written training step for this frozen state (:mod:`atlasmap.models.frozen_step`; query
-        training after surgery), or ``None`` when autograd must run."""
-        from atlasmap.models.frozen_step import frozen_step
+        """The hand-written training step (:mod:`atlasmap.models.fused_step`) for this module as it is frozen
+        now, or ``None`` when autograd must run."""
+        from atlasmap.models.fused_step import fused_step
 
-        return frozen_step(self, cells)
+        return fused_step(self, cells)
 
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
         inf = self.inference(batch)

@@ -1,10 +1,10 @@
 /*
- * The elementwise parts of scVI's query-training step, forward and hand-written backward, for stacks whose
- * weights are frozen and whose only trainable tensors are covariate-table blocks (atlasmap.nn.frozen_step).
+ * The elementwise parts of scVI's training step, forward and hand-written backward
+ * (atlasmap.models.fused_step).
  *
- * Why: after surgery a query step is a few matmuls (run by PyTorch) between ~250 small PyTorch operations
- * on 128 x 128 tensors (table lookups, layer norm, ReLU, dropout, their autograd nodes) whose dispatch costs
- * more than their arithmetic. Here one call does a whole layer's elementwise forward, one its backward.
+ * Why: a step is a few matmuls (run by PyTorch) between ~300 small PyTorch operations on 128 x 128 tensors
+ * (table lookups, layer norm, ReLU, dropout, their autograd nodes) whose dispatch costs more than their
+ * arithmetic. Here one call does a whole layer's elementwise forward, one its backward.
  *
  * Layer forward (one row per cell, h values per row):
  *     y = pre + sum_j T_j[code_j]          T_j: the blocks of covariate j's table, concatenated
@@ -179,5 +179,46 @@ ATLASMAP_CLONES int atlasmap_uniform(int64_t n, uint64_t seed, float *out) {
         z ^= z >> 31;
         out[i] = (float)(z >> 40) * 0x1.0p-24f;
     }
+    return 0;
+}
+
+/*
+ * Adam with L2 weight decay, the update of torch.optim.Adam (amsgrad off), one pass per tensor:
+ *     g += wd p;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
+ *     p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
+ * step_size[t] = lr / bias1 and bias2_sqrt[t] = sqrt(bias2) per tensor (each counts its own steps); tensors
+ * whose grads[t] is NULL are skipped. Large tensors are split over n_threads.
+ */
+ATLASMAP_CLONES static void adam_range(int64_t n, float *restrict p, const float *restrict g, float *restrict m,
+                                       float *restrict v, float step_size, float bias2_sqrt, float beta1,
+                                       float beta2, float eps, float weight_decay) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        const float gi = g[i] + weight_decay * p[i];
+        const float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+        const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
+    }
+}
+
+int atlasmap_adam(int64_t n_tensors, float *const *params, const float *const *grads, float *const *m,
+                  float *const *v, const int64_t *sizes, const float *step_size, const float *bias2_sqrt,
+                  float beta1, float beta2, float eps, float weight_decay, int n_threads) {
+    const int64_t chunk = 1 << 15;
+    for (int64_t t = 0; t < n_tensors; t++) {
+        if (grads[t] == NULL) continue;
+        const int64_t n = sizes[t], n_chunks = (n + chunk - 1) / chunk;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && n_chunks > 1) schedule(static)
+#endif
+        for (int64_t c = 0; c < n_chunks; c++) {
+            const int64_t lo = c * chunk, len = n - lo < chunk ? n - lo : chunk;
+            adam_range(len, params[t] + lo, grads[t] + lo, m[t] + lo, v[t] + lo, step_size[t], bias2_sqrt[t],
+                       beta1, beta2, eps, weight_decay);
+        }
+    }
+    (void)n_threads;
     return 0;
 }

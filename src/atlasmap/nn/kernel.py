@@ -45,10 +45,13 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.atlasmap_lgamma_theta_sum_csr.argtypes = [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.atlasmap_lgamma_theta_sum_csr.restype = ctypes.c_int
     lib.atlasmap_uniform.argtypes = [_I, ctypes.c_uint64, _P]
+    lib.atlasmap_adam.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+                                  ctypes.c_float, ctypes.c_int]
     lib.atlasmap_check_counts.argtypes = [_I, _P, ctypes.c_int]
     lib.atlasmap_log_factorial_rows.argtypes = [_I, _P, _P, _P, ctypes.c_int]
-    for name in ("atlasmap_uniform", "atlasmap_check_counts", "atlasmap_log_factorial_rows", "atlasmap_layer_forward",
-                 "atlasmap_layer_backward", "atlasmap_latent_forward", "atlasmap_latent_backward"):
+    for name in ("atlasmap_adam", "atlasmap_uniform", "atlasmap_check_counts", "atlasmap_log_factorial_rows",
+                 "atlasmap_layer_forward", "atlasmap_layer_backward", "atlasmap_latent_forward",
+                 "atlasmap_latent_backward"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -158,19 +161,21 @@ def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tens
 
 def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
                  zero_inflated: bool, const: torch.Tensor | None, lgamma_cell: torch.Tensor | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 need_theta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`nb_nll_logits` on both decoder heads' output in one matrix: ``heads`` is n x 2G (expression
     logits, then zero-inflation logits) or n x G (NB), as one matmul with the heads' stacked weights gives
-    it. Returns the per-cell NLL and d NLL / d ``heads`` (same layout) for a frozen ``theta``."""
+    it. Returns the per-cell NLL, d NLL / d ``heads`` (same layout) and, with ``need_theta`` (then
+    ``lgamma_cell`` must be ``None``), d NLL / d ``theta`` per entry (n x G)."""
     lib = _library()
     n, g = x.shape
     nll = torch.empty(n, dtype=torch.float32)
     grad = torch.empty_like(heads)
+    g_theta = torch.empty_like(x) if need_theta else None
     pi, g_pi = (heads.data_ptr() + 4 * g, grad.data_ptr() + 4 * g) if zero_inflated else (None, None)
     _check(lib.atlasmap_nb_nll(n, g, heads.shape[1], x.data_ptr(), None, heads.data_ptr(), log_library.data_ptr(),
                                theta.data_ptr(), theta_stride(x, theta), pi, _ptr(const), _ptr(lgamma_cell),
-                               nll.data_ptr(), None, grad.data_ptr(), None, None, g_pi, _threads(n, g)))
-    return nll, grad
+                               nll.data_ptr(), None, grad.data_ptr(), None, _ptr(g_theta), g_pi, _threads(n, g)))
+    return nll, grad, g_theta
 
 
 def lgamma_theta_sum_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, theta: torch.Tensor,
