@@ -45,7 +45,7 @@ DETERMINISTIC_SCRIPT = """
     with distributed() if "RANK" in os.environ else contextlib.nullcontext():
         model = atlasmap.SCVI(adata, batch_key="batch", n_hidden=32, n_latent=6, n_layers=2, dropout_rate=0.0)
         model.train(6, batch_size=32, lr=0.01, seed=3, progress_bar=False)
-        model.save(sys.argv[2])  # only rank 0 writes
+        model.save(sys.argv[2], overwrite=True)  # only rank 0 writes; a rerun after a teardown abort replaces it
 """
 
 

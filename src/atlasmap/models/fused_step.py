@@ -237,8 +237,8 @@ class FusedStep:
             enc_saved.append(saved)
         h_enc = h
         mv = self.latent.forward(h_enc)
-        noise = torch.randn(n, self.n_latent)  # the autograd path's randn_like(qz_m)
         z, var, kl = torch.empty(n, self.n_latent), torch.empty(n, self.n_latent), torch.empty(n)
+        noise = torch.randn_like(z)  # as the autograd path's randn_like(qz_m)
         self.lib.atlasmap_latent_forward(n, self.n_latent, mv.data_ptr(), noise.data_ptr(), _VAR_EPS, z.data_ptr(),
                                          var.data_ptr(), kl.data_ptr())
         h, dec_saved = z, []
