@@ -105,6 +105,9 @@ def main() -> None:
         print("\n| group | ms/step |\n|---|---:|")
         for g, ms in r["groups_ms_per_step"].items():
             print(f"| {g} | {ms:.2f} |")
+        # ctypes calls (the compiled kernels) and Python between operators are not PyTorch operators
+        print(f"| not seen by the profiler (compiled kernels via ctypes, Python) | "
+              f"{r['cpu_ms_per_step'] - r['profiled_ms_per_step']:.2f} |")
         print("\n| top operator | ms/step | calls/step |\n|---|---:|---:|")
         for row in r["top_ops"]:
             print(f"| {row['op']} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} |")

@@ -47,14 +47,20 @@ def test_adam_matches_torch_adam(compiled: bool, monkeypatch: pytest.MonkeyPatch
     assert opt.steps.tolist() == [6, 4, 6]
 
 
-def test_training_does_not_import_torch_dynamo() -> None:
-    """torch.optim.Adam's constructor imports torch._dynamo (~0.8 s); training a model must not."""
+def test_training_and_mapping_do_not_import_torch_dynamo_or_sympy() -> None:
+    """torch.optim.Adam's constructor imports torch._dynamo (~0.8 s) and a meta-device randn imports sympy
+    (~0.2 s, load_model's size check): training, saving and mapping a query must import neither."""
     code = (
-        "import sys, atlasmap\n"
+        "import sys, tempfile, atlasmap\n"
         "from atlasmap.datasets import simulate_counts\n"
-        "a = simulate_counts(300, 50, n_batches=2, n_cell_types=2, seed=0)\n"
-        "atlasmap.SCVI(a, batch_key='batch', n_hidden=16, n_latent=4).train(max_epochs=1, progress_bar=False)\n"
-        "print('torch._dynamo' in sys.modules)\n"
+        "a = simulate_counts(300, 50, n_batches=3, n_cell_types=2, seed=0)\n"
+        "ref, query = a[a.obs['batch'] != 'batch2'].copy(), a[a.obs['batch'] == 'batch2'].copy()\n"
+        "m = atlasmap.SCVI(ref, batch_key='batch', n_hidden=16, n_latent=4)\n"
+        "m.train(max_epochs=1, progress_bar=False)\n"
+        "d = tempfile.mkdtemp() + '/ref'\n"
+        "m.save(d)\n"
+        "atlasmap.SCVI.load_query_data(query, d).train(max_epochs=1, progress_bar=False)\n"
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "False False"

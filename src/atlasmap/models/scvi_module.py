@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlasmap.nn import kernel
-from atlasmap.nn.layers import CovariateTable, FCStack
+from atlasmap.nn.layers import CovariateTable, FCStack, standard_normal
 from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll, nb_nll_logits
 
 NormWhere = Literal["none", "encoder", "decoder", "both"]
@@ -143,7 +143,7 @@ class SCVIModule(nn.Module):
         self.px_scale = nn.Linear(cfg.n_hidden, cfg.n_genes)
         self.px_dropout = nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.gene_likelihood == "zinb" else None
         if cfg.dispersion == "gene":
-            self.px_r = nn.Parameter(torch.randn(cfg.n_genes))
+            self.px_r = nn.Parameter(standard_normal(cfg.n_genes))
         elif cfg.dispersion == "gene-batch":
             self.px_r_batch = CovariateTable(cats[0], cfg.n_genes, init_bound=None)
         else:

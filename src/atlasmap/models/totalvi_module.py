@@ -34,7 +34,7 @@ from atlasmap.models.scvi_module import (
     hold_frozen_in_eval,
     kl_normal_standard,
 )
-from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear
+from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear, standard_normal
 from atlasmap.nn.likelihoods import nb_nll
 
 _VAR_EPS = 1e-4
@@ -143,7 +143,7 @@ class TOTALVIModule(nn.Module):
         self.mixing = head(cfg.n_proteins)
 
         if cfg.gene_dispersion == "gene":
-            self.px_r = nn.Parameter(torch.randn(cfg.n_genes))
+            self.px_r = nn.Parameter(standard_normal(cfg.n_genes))
         elif cfg.gene_dispersion == "gene-batch":
             self.px_r_batch = CovariateTable(cats[0], cfg.n_genes, init_bound=None)
         else:

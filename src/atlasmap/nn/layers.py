@@ -20,6 +20,14 @@ import torch
 from torch import nn
 
 
+def standard_normal(*shape: int) -> torch.Tensor:
+    """N(0, 1) initial values (the same draws as ``torch.randn``). On the meta device (the size check of
+    :func:`atlasmap.io.load_model`) an uninitialised tensor: PyTorch's meta ``randn`` imports sympy, 0.2 s
+    of every process that loads a model."""
+    values = torch.empty(*shape)
+    return values if values.is_meta else values.normal_()
+
+
 class CovariateTable(nn.Module):
     """Rows of per-category parameters for one categorical covariate, stored as blocks."""
 
@@ -31,12 +39,9 @@ class CovariateTable(nn.Module):
         self.blocks = nn.ParameterList([self._new_block(n_categories)])
 
     def _new_block(self, n: int) -> nn.Parameter:
-        values = torch.empty(n, self.n_out)
         if self.init_bound is None:
-            values.normal_()
-        else:
-            values.uniform_(-self.init_bound, self.init_bound)
-        return nn.Parameter(values)
+            return nn.Parameter(standard_normal(n, self.n_out))
+        return nn.Parameter(torch.empty(n, self.n_out).uniform_(-self.init_bound, self.init_bound))
 
     @property
     def n_categories(self) -> int:
