@@ -206,3 +206,46 @@ def test_dropout_uniforms_seeded_and_uniform() -> None:
     assert abs(float((a < 0.1).double().mean()) - 0.1) < 0.003  # the keep rate of dropout p = 0.1
     # neighbouring entries are not correlated (a counter-based generator's weak point)
     assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.01
+
+
+def test_fused_step_refuses_cells_it_cannot_handle_exactly(data: tuple) -> None:
+    """Without the prepared per-cell terms, with codes that are not int64 or outside their tables, or with
+    non-float32 counts the fused step does not apply (autograd computes or reports these itself)."""
+    import copy
+
+    module, cells = query_module(data)
+    assert fs.fused_step(module, cells) is not None
+
+    def variant(**fields: Any) -> Any:
+        out = copy.copy(cells)
+        out.fields = {k: v for k, v in {**cells.fields, **fields}.items() if v is not None}
+        return out
+
+    for name in ("log_x_fact", "log_library"):
+        assert fs.fused_step(module, variant(**{name: None})) is None, name
+    cat = cells.fields["cat"]
+    assert fs.fused_step(module, variant(cat=cat.int())) is None  # int32 codes
+    too_big = cat.clone()
+    too_big[0, 0] = module.decoder.layers[0].covariates[0].n_categories
+    assert fs.fused_step(module, variant(cat=too_big)) is None
+    negative = cat.clone()
+    negative[3, 0] = -1
+    assert fs.fused_step(module, variant(cat=negative)) is None
+    dense64 = copy.copy(cells)
+    counts = cells.counts
+    dense64.counts = torch.as_tensor(counts if isinstance(counts, torch.Tensor) else counts.toarray(),
+                                     dtype=torch.float64)
+    assert fs.fused_step(module, dense64) is None
+
+
+def test_fused_step_raises_on_an_unknown_code_in_a_batch(data: tuple) -> None:
+    """A code outside its table in a minibatch is refused by the C layer (no read or write past a block)."""
+    from atlasmap.errors import InputError
+
+    module, cells = query_module(data)
+    step = fs.fused_step(module, cells)
+    batch = cells.batch(np.arange(8))
+    batch["cat"] = batch["cat"].clone()
+    batch["cat"][2, 0] = 10_000
+    with pytest.raises(InputError, match="outside its covariate table"):
+        step(batch, 0.5)

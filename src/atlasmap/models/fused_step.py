@@ -10,7 +10,8 @@ are written into ``.grad`` of the trainable tensors only: after surgery (the def
 blocks train) no frozen weight's gradient is ever computed.
 
 It draws the same random numbers in the same order as the autograd path (dropout masks, then the latent
-sample), and its loss and gradients equal autograd's to float32 rounding (``tests/test_fused_step.py``).
+sample), and its loss and gradients equal autograd's to float32 rounding (``tests/test_fused_step.py``) for
+the cells :func:`fused_step` accepts (prepared per-cell fields, int64 codes within their tables).
 :func:`fused_step` returns ``None`` for modules it does not cover; training then uses autograd.
 """
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from atlasmap.errors import InputError
 from atlasmap.models.scvi_module import (
     _VAR_EPS,
     ENCODER_FIRST,
@@ -164,7 +167,27 @@ def fused_step(module: nn.Module, cells: object) -> FusedStep | None:
     first_frozen = not any(p.requires_grad for p in module.encoder.layers[0].linear.parameters())
     if first_frozen != (ENCODER_FIRST in fields) or module.px_r.requires_grad == (LGAMMA_THETA in fields):
         return None  # the precomputed fields must match what is frozen
+    if not (LOG_LIBRARY in fields and LOG_X_FACT in fields and _codes_in_range(module, fields.get("cat"))):
+        return None  # autograd computes the missing per-cell terms itself and reports bad codes
+    counts = getattr(cells, "counts", None)
+    if counts is not None and counts.dtype not in (torch.float32, np.float32):
+        return None
+    drop = module.encoder.dropout
+    if isinstance(drop, nn.Dropout) and drop.p >= 1.0:
+        return None  # degenerate: autograd's Dropout draws no random numbers then
     return FusedStep(module, trainable)
+
+
+def _codes_in_range(module: SCVIModule, cat: torch.Tensor | None) -> bool:
+    """int64 codes, one column per categorical covariate, each within its table (the C layers index blocks
+    with them)."""
+    n_categories = [t.n_categories for t in (module.decoder.layers[0].covariates or [])]
+    if cat is None or cat.dtype != torch.int64 or cat.dim() != 2 or cat.shape[1] < len(n_categories):
+        return False
+    if cat.shape[0] == 0 or not n_categories:
+        return True
+    low, high = cat.min(0).values, cat.max(0).values
+    return bool((low >= 0).all()) and all(int(high[j]) < n for j, n in enumerate(n_categories))
 
 
 class FusedStep:
@@ -197,36 +220,40 @@ class FusedStep:
     def _forward(self, layer: _Layer, h: torch.Tensor, cat: torch.Tensor, p: float) -> tuple:
         """Layer output and what its backward needs, from its input ``h`` (``W h + b`` when precomputed)."""
         pre = h if layer.linear is None else torch.addmm(layer.linear.bias, h, layer.linear.weight.t())
+        pre = pre.contiguous()  # kept alive across the C call
         n, width = pre.shape
         factor = kernel.uniform(n, width) if p > 0 else None  # as the autograd path's Dropout draws them
-        y, out, rstd = torch.empty(n, width), torch.empty(n, width), torch.empty(n)
+        y, out = torch.empty(n, width, dtype=torch.float32), torch.empty(n, width, dtype=torch.float32)
+        rstd = torch.empty(n, dtype=torch.float32)
         n_blocks, block_rows, block_ptr, _ = layer.addresses
-        self.lib.atlasmap_layer_forward(n, width, pre.contiguous().data_ptr(), layer.n_cov, cat.data_ptr(),
-                                        cat.stride(0), n_blocks, block_ptr, block_rows, layer.layer_norm,
-                                        layer.ln_eps, p, None if factor is None else factor.data_ptr(),
-                                        y.data_ptr(), rstd.data_ptr(), out.data_ptr())
+        _check_codes(self.lib.atlasmap_layer_forward(
+            n, width, pre.data_ptr(), layer.n_cov, cat.data_ptr(), cat.stride(0), n_blocks, block_ptr, block_rows,
+            layer.layer_norm, layer.ln_eps, p, None if factor is None else factor.data_ptr(), y.data_ptr(),
+            rstd.data_ptr(), out.data_ptr()))
         return (h, y, rstd, factor), out
 
-    def _backward(self, layer: _Layer, grad: torch.Tensor, saved: tuple, cat: torch.Tensor) -> torch.Tensor | None:
+    def _backward(self, layer: _Layer, grad: torch.Tensor, saved: tuple, cat: torch.Tensor,
+                  input_grad: bool = True) -> torch.Tensor | None:
         """From d loss / d layer output: the layer's gradients into their buffers; returns d loss / d input
-        (``None`` for a precomputed layer). ``grad`` is overwritten."""
+        (``None`` for a precomputed layer or without ``input_grad``). ``grad`` is overwritten."""
         h, y, rstd, factor = saved
+        grad = grad.contiguous()
         n, width = grad.shape
         n_blocks, block_rows, _, block_grad = layer.addresses
-        self.lib.atlasmap_layer_backward(n, width, grad.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                                         None if factor is None else factor.data_ptr(), layer.layer_norm,
-                                         layer.n_cov, cat.data_ptr(), cat.stride(0), n_blocks, block_rows, block_grad)
+        _check_codes(self.lib.atlasmap_layer_backward(
+            n, width, grad.data_ptr(), y.data_ptr(), rstd.data_ptr(), None if factor is None else factor.data_ptr(),
+            layer.layer_norm, layer.n_cov, cat.data_ptr(), cat.stride(0), n_blocks, block_rows, block_grad))
         if layer.linear is None:
             return None
         if layer.grad_weight is not None:
             torch.mm(grad.t(), h, out=layer.grad_weight)
         if layer.grad_bias is not None:
             torch.sum(grad, 0, out=layer.grad_bias)
-        return grad.mm(layer.linear.weight)
+        return grad.mm(layer.linear.weight) if input_grad else None
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], kl_weight: float) -> LossTerms:
-        x, cat = batch["x"], batch["cat"].contiguous()
+        x, cat = batch["x"].float().contiguous(), batch["cat"].contiguous()
         n = x.shape[0]
         p = self._dropout_p()
         # forward: encoder, latent sample, decoder, both heads at once
@@ -237,7 +264,8 @@ class FusedStep:
             enc_saved.append(saved)
         h_enc = h
         mv = self.latent.forward(h_enc)
-        z, var, kl = torch.empty(n, self.n_latent), torch.empty(n, self.n_latent), torch.empty(n)
+        z, var = torch.empty(n, self.n_latent, dtype=torch.float32), torch.empty(n, self.n_latent, dtype=torch.float32)
+        kl = torch.empty(n, dtype=torch.float32)
         noise = torch.randn_like(z)  # as the autograd path's randn_like(qz_m)
         self.lib.atlasmap_latent_forward(n, self.n_latent, mv.data_ptr(), noise.data_ptr(), _VAR_EPS, z.data_ptr(),
                                          var.data_ptr(), kl.data_ptr())
@@ -259,11 +287,17 @@ class FusedStep:
         self.lib.atlasmap_latent_backward(n, self.n_latent, grad.data_ptr(), mv.data_ptr(), var.data_ptr(),
                                           noise.data_ptr(), _VAR_EPS, kl_weight / n, grad_mv.data_ptr())
         grad = self.latent.backward(grad_mv, h_enc, 1.0)
-        for layer, saved in zip(reversed(self.encoder), reversed(enc_saved), strict=True):
-            grad = self._backward(layer, grad, saved, cat)
+        for i in reversed(range(len(self.encoder))):  # nothing needs d loss / d counts
+            grad = self._backward(self.encoder[i], grad, enc_saved[i], cat, input_grad=i > 0)
         self.grads.attach()
         loss = (nll + kl_weight * kl).mean()
         return LossTerms(loss=loss, reconstruction=nll, kl=kl)
+
+
+def _check_codes(status: int) -> None:
+    if status != 0:
+        raise InputError("a category code lies outside its covariate table (the model does not know that category); "
+                         "map new categories with load_query_data.")
 
 
 __all__ = ["FusedStep", "fused_step"]

@@ -291,17 +291,6 @@ ATLASMAP_CLONES static double row_gammas(int64_t g, const float *restrict x, con
     return nonzero_gammas(m, nz, xs, t, lgamma_t, digamma_t, lg, dg, g_t);
 }
 
-/*
- * Rows [row_begin, row_end) of an n x g minibatch (all arrays C-contiguous float32); see atlasmap_nb_nll.
- *
- * theta has g entries per row and row stride theta_stride (0: one value per gene shared by all rows, g:
- * per cell and gene). pi, g_mu, g_theta, g_pi may be NULL (not zero-inflated / gradient not wanted).
- * const_term (per cell, may be NULL) is added to the NLL (sum_g lgamma(x + 1)). lgamma_cell (per cell,
- * may be NULL) is sum_g lgamma(x + t) - lgamma(t) computed earlier (constant while theta is frozen); when
- * given the kernel does not recompute it (and g_theta must be NULL).
- *
- * Returns 0, or -1 when scratch memory could not be allocated.
- */
 /* softmax of one row of logits, kept as its parts: e_j = exp(s_j - max s), returns sum_j e_j. */
 ATLASMAP_CLONES static float softmax_parts(int64_t g, const float *restrict s, float *restrict e) {
     float top = s[0];
@@ -332,6 +321,17 @@ ATLASMAP_CLONES static float logits_gradient(int64_t g, const float *restrict mu
     return q;
 }
 
+/*
+ * Rows [row_begin, row_end) of an n x g minibatch (all arrays C-contiguous float32); see atlasmap_nb_nll.
+ *
+ * theta has g entries per row and row stride theta_stride (0: one value per gene shared by all rows, g:
+ * per cell and gene). pi, g_mu, g_theta, g_pi may be NULL (not zero-inflated / gradient not wanted).
+ * const_term (per cell, may be NULL) is added to the NLL (sum_g lgamma(x + 1)). lgamma_cell (per cell,
+ * may be NULL) is sum_g lgamma(x + t) - lgamma(t) computed earlier (constant while theta is frozen); when
+ * given the kernel does not recompute it (and g_theta must be NULL).
+ *
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ */
 static int nb_nll_rows(int64_t row_begin, int64_t row_end, int64_t g, int64_t ld, const float *x, const float *mu,
                        const float *logits, const float *log_lib, const float *theta, int64_t theta_stride,
                        const float *pi, const float *const_term, const float *lgamma_cell, float *nll,

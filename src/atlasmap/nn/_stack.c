@@ -12,6 +12,7 @@
  *     out = relu(y) * factor               factor = (u >= p) / (1 - p) from uniform draws u (dropout)
  * Layer backward, given d out: d y = d out * factor * [y > 0]; d pre = rstd (d y - mean(d y) - y mean(d y y))
  * with layer norm (else d y); every table row read in the forward receives d pre.
+ * Both return 0, or -1 when a code lies outside its table (nothing is read or written past a block).
  *
  * Plain C loaded with ctypes; compiled into the same library as _nbkernel.c.
  */
@@ -37,14 +38,17 @@ typedef struct {
     float *const *block_grad;  /* backward: d loss / d block, NULL for blocks that do not train */
 } tables;
 
-/* Index (into the flattened block arrays) and row of covariate j's code for one cell. */
+/* Index (into the flattened block arrays) and row of covariate j's code for one cell; -1 for a code outside
+ * the table (the callers then return -1 without reading or writing past a block). */
 static inline int64_t find_block(const tables *t, int64_t first_block, int64_t j, int64_t code, int64_t *row) {
     int64_t b = first_block;
     const int64_t last = first_block + t->n_blocks[j] - 1;
+    if (code < 0) return -1;
     while (b < last && code >= t->block_rows[b]) {
         code -= t->block_rows[b];
         b++;
     }
+    if (code >= t->block_rows[b]) return -1;
     *row = code;
     return b;
 }
@@ -61,6 +65,7 @@ ATLASMAP_CLONES int atlasmap_layer_forward(int64_t n, int64_t h, const float *pr
         for (int64_t j = 0, first = 0; j < n_cov; first += n_blocks[j], j++) {
             int64_t row;
             const int64_t b = find_block(&t, first, j, codes[c * code_stride + j], &row);
+            if (b < 0) return -1;
             const float *tr = block_ptr[b] + row * h;
             for (int64_t k = 0; k < h; k++) yr[k] += tr[k];
         }
@@ -120,6 +125,7 @@ ATLASMAP_CLONES int atlasmap_layer_backward(int64_t n, int64_t h, float *g, cons
         for (int64_t j = 0, first = 0; j < n_cov; first += n_blocks[j], j++) {
             int64_t row;
             const int64_t b = find_block(&t, first, j, codes[c * code_stride + j], &row);
+            if (b < 0) return -1;
             if (block_grad[b] == NULL) continue;
             float *dst = block_grad[b] + row * h;
             for (int64_t k = 0; k < h; k++) dst[k] += gr[k];
@@ -159,9 +165,10 @@ int atlasmap_latent_backward(int64_t n, int64_t l, const float *dz, const float 
             const float vk = var[i];
             dm[k] = dz[i] + kl_scale * m[k];
             const float d_var = dz[i] * e[i] * 0.5f / sqrtf(vk) + kl_scale * 0.5f * (1.0f - 1.0f / vk);
-            dv[k] = d_var * (vk - var_eps);
+            dv[k] = d_var * expf(m[l + k]);  /* d var / d v = exp(v) (not var - var_eps: exact for small v) */
         }
     }
+    (void)var_eps;
     return 0;
 }
 

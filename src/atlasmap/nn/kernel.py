@@ -215,7 +215,7 @@ def lgamma_theta_sum(x: torch.Tensor, theta: torch.Tensor, lib: ctypes.CDLL | No
 def count_flags(values: np.ndarray) -> int:
     """One pass over float32 ``values``: bit 1 NaN/inf, 2 negative, 4 non-integer, 8 above 2^24 (0: all are
     counts). Callers check :func:`available`."""
-    values = np.ascontiguousarray(values.reshape(-1))
+    values = np.ascontiguousarray(np.ravel(values, order="K"))  # a view for C- or Fortran-ordered input
     n_threads = max(1, min(torch.get_num_threads(), values.size >> 20))
     return int(_library().atlasmap_check_counts(values.size, values.ctypes.data, n_threads))
 
