@@ -161,16 +161,20 @@ def nb_nll_logits(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tens
 
 def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor, theta: torch.Tensor,
                  zero_inflated: bool, const: torch.Tensor | None, lgamma_cell: torch.Tensor | None,
-                 need_theta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 need_theta: bool = False, out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`nb_nll_logits` on both decoder heads' output in one matrix: ``heads`` is n x 2G (expression
     logits, then zero-inflation logits) or n x G (NB), as one matmul with the heads' stacked weights gives
     it. Returns the per-cell NLL, d NLL / d ``heads`` (same layout) and, with ``need_theta`` (then
-    ``lgamma_cell`` must be ``None``), d NLL / d ``theta`` per entry (n x G)."""
+    ``lgamma_cell`` must be ``None``), d NLL / d ``theta`` per entry (n x G). ``out``: buffers for the two
+    gradients (shapes as returned), e.g. kept across training steps."""
     lib = _library()
     n, g = x.shape
     nll = torch.empty(n, dtype=torch.float32)
-    grad = torch.empty_like(heads)
-    g_theta = torch.empty_like(x) if need_theta else None
+    grad, g_theta = out if out is not None else (torch.empty_like(heads), None)
+    if need_theta and g_theta is None:
+        g_theta = torch.empty_like(x)
+    g_theta = g_theta if need_theta else None
     pi, g_pi = (heads.data_ptr() + 4 * g, grad.data_ptr() + 4 * g) if zero_inflated else (None, None)
     _check(lib.atlasmap_nb_nll(n, g, heads.shape[1], x.data_ptr(), None, heads.data_ptr(), log_library.data_ptr(),
                                theta.data_ptr(), theta_stride(x, theta), pi, _ptr(const), _ptr(lgamma_cell),
