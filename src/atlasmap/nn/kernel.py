@@ -114,20 +114,30 @@ def _nll(x: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None, c
          lgamma_cell: torch.Tensor | None, lib: ctypes.CDLL | None, *, mu: torch.Tensor | None = None,
          logits: torch.Tensor | None = None, log_library: torch.Tensor | None = None,
          need_mu: bool = False, need_logits: bool = False, need_log_library: bool = False,
-         need_theta: bool = False, need_pi: bool = False) -> tuple[torch.Tensor, ...]:
+         need_theta: bool = False, need_pi: bool = False, ld: int | None = None,
+         out: dict[str, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
     """One call of ``atlasmap_nb_nll``: the NLL and the gradient buffers asked for (``None`` otherwise), in
-    the order mu, logits, log_library, theta, pi. The mean is ``mu`` or ``exp(log_library) * softmax(logits)``."""
+    the order mu, logits, log_library, theta, pi. The mean is ``mu`` or ``exp(log_library) * softmax(logits)``.
+    ``ld``: row stride of ``logits``, ``pi_logits`` and their gradients (default G; larger when they are column
+    ranges of one wider matrix, see :func:`nb_nll_heads`). ``out``: gradient buffers to write into, by name
+    (``"logits"``, ``"pi"``, ``"theta"``), instead of new ones."""
     lib = lib or _library()
     n, g = x.shape
     if lgamma_cell is not None and need_theta:
         raise ValueError("lgamma_cell can only be given when theta needs no gradient")
+    out = out or {}
+
+    def buffer(name: str, needed: bool) -> torch.Tensor | None:
+        given = out.get(name)
+        return None if not needed else given if given is not None else torch.empty_like(x)
+
     nll = torch.empty(n, dtype=torch.float32)
-    g_mu = torch.empty_like(x) if need_mu else None
-    g_logits = torch.empty_like(x) if need_logits else None
+    g_mu = buffer("mu", need_mu)
+    g_logits = buffer("logits", need_logits)
     g_log_lib = torch.empty(n, dtype=torch.float32) if need_log_library else None
-    g_theta = torch.empty_like(x) if need_theta else None
-    g_pi = torch.empty_like(x) if need_pi and pi_logits is not None else None
-    _check(lib.atlasmap_nb_nll(n, g, g, x.data_ptr(), _ptr(mu), _ptr(logits), _ptr(log_library), theta.data_ptr(),
+    g_theta = buffer("theta", need_theta)
+    g_pi = buffer("pi", need_pi and pi_logits is not None)
+    _check(lib.atlasmap_nb_nll(n, g, g if ld is None else ld, x.data_ptr(), _ptr(mu), _ptr(logits), _ptr(log_library), theta.data_ptr(),
                                theta_stride(x, theta), _ptr(pi_logits), _ptr(const), _ptr(lgamma_cell),
                                nll.data_ptr(), _ptr(g_mu), _ptr(g_logits), _ptr(g_log_lib), _ptr(g_theta),
                                _ptr(g_pi), _threads(n, g)))
@@ -168,17 +178,13 @@ def nb_nll_heads(x: torch.Tensor, heads: torch.Tensor, log_library: torch.Tensor
     it. Returns the per-cell NLL, d NLL / d ``heads`` (same layout) and, with ``need_theta`` (then
     ``lgamma_cell`` must be ``None``), d NLL / d ``theta`` per entry (n x G). ``out``: buffers for the two
     gradients (shapes as returned), e.g. kept across training steps."""
-    lib = _library()
-    n, g = x.shape
-    nll = torch.empty(n, dtype=torch.float32)
+    g = x.shape[1]
     grad, g_theta = out if out is not None else (torch.empty_like(heads), None)
-    if need_theta and g_theta is None:
-        g_theta = torch.empty_like(x)
-    g_theta = g_theta if need_theta else None
-    pi, g_pi = (heads.data_ptr() + 4 * g, grad.data_ptr() + 4 * g) if zero_inflated else (None, None)
-    _check(lib.atlasmap_nb_nll(n, g, heads.shape[1], x.data_ptr(), None, heads.data_ptr(), log_library.data_ptr(),
-                               theta.data_ptr(), theta_stride(x, theta), pi, _ptr(const), _ptr(lgamma_cell),
-                               nll.data_ptr(), None, grad.data_ptr(), None, _ptr(g_theta), g_pi, _threads(n, g)))
+    pi = heads[:, g:2 * g] if zero_inflated else None
+    buffers = {"logits": grad[:, :g], "pi": grad[:, g:2 * g] if zero_inflated else None, "theta": g_theta}
+    nll, _, _, _, g_theta, _ = _nll(x, theta, pi, const, lgamma_cell, None, logits=heads[:, :g],
+                                    log_library=log_library, need_logits=True, need_theta=need_theta,
+                                    need_pi=zero_inflated, ld=heads.shape[1], out=buffers)
     return nll, grad, g_theta
 
 
