@@ -33,9 +33,10 @@ from atlasmap.models.scvi_module import (
     LOG_X_FACT,
     LossTerms,
     SCVIModule,
+    log_counts,
 )
 from atlasmap.nn import kernel
-from atlasmap.nn.layers import FCStack
+from atlasmap.nn.layers import FCStack, dropout_uniforms
 
 
 def _address_array(ctype: type, values: list) -> ctypes.Array:
@@ -194,7 +195,7 @@ def fused_step(module: nn.Module, cells: object) -> FusedStep | None:
     drop = module.encoder.dropout
     if isinstance(drop, nn.Dropout) and drop.p >= 1.0:
         return None  # degenerate: autograd's Dropout draws no random numbers then
-    return FusedStep(module, trainable)
+    return FusedStep(module, trainable, first_precomputed=first_frozen)
 
 
 def _codes_in_range(module: SCVIModule, cat: torch.Tensor | None) -> bool:
@@ -216,11 +217,11 @@ class FusedStep:
     optimizer (the C functions keep pointers to the covariate blocks).
     """
 
-    def __init__(self, module: SCVIModule, trainable: list[nn.Parameter]) -> None:
+    def __init__(self, module: SCVIModule, trainable: list[nn.Parameter], first_precomputed: bool) -> None:
+        """``first_precomputed``: the batches carry the frozen first encoder layer's ``W x + b``."""
         self.module = module
         self.lib = kernel._library()
         self.grads = _Grads(trainable)
-        first_precomputed = not any(p.requires_grad for p in module.encoder.layers[0].linear.parameters())
         self.encoder = [_Layer.build(module.encoder, i, self.grads, precomputed=i == 0 and first_precomputed)
                         for i in range(len(module.encoder.layers))]
         self.decoder = [_Layer.build(module.decoder, i, self.grads) for i in range(len(module.decoder.layers))]
@@ -242,7 +243,7 @@ class FusedStep:
         pre = h if layer.linear is None else torch.addmm(layer.linear.bias, h, layer.linear.weight.t())
         pre = pre.contiguous()  # kept alive across the C call
         n, width = pre.shape
-        factor = kernel.uniform(n, width) if p > 0 else None  # as the autograd path's Dropout draws them
+        factor = dropout_uniforms(pre) if p > 0 else None  # the autograd path's Dropout draws the same
         y, out = torch.empty(n, width, dtype=torch.float32), torch.empty(n, width, dtype=torch.float32)
         rstd = torch.empty(n, dtype=torch.float32)
         n_blocks, block_rows, block_ptr, _ = layer.addresses
@@ -279,8 +280,8 @@ class FusedStep:
         # forward: encoder, latent sample, decoder, both heads at once
         if self.encoder[0].linear is None:
             h = batch[ENCODER_FIRST]
-        else:  # log(x + 1), as log_counts, into a kept buffer
-            h = torch.add(x, 1.0, out=self.scratch.get("log_x", *x.shape)).log_()
+        else:
+            h = log_counts(x, out=self.scratch.get("log_x", *x.shape))
         enc_saved = []
         for layer in self.encoder:
             saved, h = self._forward(layer, h, cat, p)
