@@ -240,12 +240,13 @@ class TOTALVI(BaseModel):
     def _init_protein_fill(self, cells: CellData) -> None:
         """Encoder input of unmeasured proteins: the reference average of the measured encoder input."""
         n_pro = self.module.config.n_proteins
-        total = torch.zeros(n_pro, dtype=torch.float64)
+        device = self._device()
+        total = torch.zeros(n_pro, dtype=torch.float64, device=device)
         for rows in minibatches(cells.n_cells, 4096, shuffle=False):  # chunks: the counts may be large
-            batch = cells.batch(rows)
+            batch = cells.batch(rows, device)
             y_in = self.module.encoder_input(batch["x"], batch["y"], batch["y_mask"])[:, -n_pro:]
             total += torch.where(batch["y_mask"], y_in, torch.zeros_like(y_in)).sum(0).double()
-        fill = total / cells.fields["y_mask"].sum(0).clamp(min=1)
+        fill = total / cells.fields["y_mask"].sum(0).clamp(min=1).to(device)
         self.module.protein_fill.copy_(fill.float())
 
     @torch.no_grad()
@@ -306,6 +307,7 @@ class TOTALVI(BaseModel):
         device: str = "auto",
         progress_bar: bool = True,
         check_val_every_n_epoch: int = 1,
+        deterministic: bool = False,
     ) -> TOTALVI:
         """Train on the model's AnnData (see :meth:`atlasmap.SCVI.train`); defaults follow scvi-tools' totalVI.
 
@@ -321,7 +323,7 @@ class TOTALVI(BaseModel):
             max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, device=device, progress_bar=progress_bar,
-            check_val_every_n_epoch=check_val_every_n_epoch,
+            check_val_every_n_epoch=check_val_every_n_epoch, deterministic=deterministic,
         )
         return self
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,10 +39,17 @@ class CovariateTable(nn.Module):
         self.init_bound = init_bound
         self.blocks = nn.ParameterList([self._new_block(n_categories)])
 
-    def _new_block(self, n: int) -> nn.Parameter:
+    def _new_block(self, n: int, like: torch.Tensor | None = None) -> nn.Parameter:
+        """``n`` new rows, drawn on the CPU with PyTorch's default generator (so a seed gives the same values
+        whatever device the table lives on), moved to the device and dtype of ``like``, and only then made
+        a parameter: off the CPU, ``.to()`` returns a new tensor, not the parameter it was called on."""
         if self.init_bound is None:
-            return nn.Parameter(standard_normal(n, self.n_out))
-        return nn.Parameter(torch.empty(n, self.n_out).uniform_(-self.init_bound, self.init_bound))
+            values = standard_normal(n, self.n_out)
+        else:
+            values = torch.empty(n, self.n_out).uniform_(-self.init_bound, self.init_bound)
+        if like is not None:
+            values = values.to(device=like.device, dtype=like.dtype)
+        return nn.Parameter(values)
 
     @property
     def n_categories(self) -> int:
@@ -52,16 +60,40 @@ class CovariateTable(nn.Module):
         return [int(b.shape[0]) for b in self.blocks]
 
     def add_block(self, n_new: int) -> nn.Parameter:
-        """Append ``n_new`` randomly initialised rows as a new parameter block and return it."""
-        block = self._new_block(n_new).to(self.blocks[0].device)
-        self.blocks.append(block)
-        return block
+        """Append ``n_new`` randomly initialised rows as a new parameter block, on the device of the table,
+        and return it: the very parameter the module holds (what surgery marks trainable and the optimizer
+        updates)."""
+        self.blocks.append(self._new_block(n_new, like=self.blocks[0]))
+        return self.blocks[-1]
 
     def table(self) -> torch.Tensor:
         return self.blocks[0] if len(self.blocks) == 1 else torch.cat(list(self.blocks), dim=0)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.is_cuda:
+            return _TableRows.apply(self.table(), codes)
         return self.table().index_select(0, codes)
+
+
+class _TableRows(torch.autograd.Function):
+    """``table[codes]`` whose backward sums each category's gradient rows as a matmul with the one-hot codes.
+    The default backward (``index_add_``) adds with atomics on CUDA, in an order that varies from run to
+    run, so two trainings with the same seed would differ in the last bits; a matmul does not. On the CPU
+    ``index_add_`` is deterministic and faster, and is kept."""
+
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(codes)
+        ctx.n_rows = table.shape[0]
+        return table.index_select(0, codes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (codes,) = ctx.saved_tensors
+        # scatter_ (not one_hot: its range check reads values back to the host) writes each row's single 1
+        onehot = torch.zeros(codes.shape[0], ctx.n_rows, dtype=grad.dtype, device=grad.device)
+        onehot.scatter_(1, codes.unsqueeze(1), 1.0)
+        return onehot.t().mm(grad), None
 
 
 class InjectedLinear(nn.Module):

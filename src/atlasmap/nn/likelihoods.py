@@ -81,8 +81,10 @@ class _CountGammas:
     def __init__(self, x: torch.Tensor, theta: torch.Tensor) -> None:
         self.x, self.theta = x, theta
         n_genes = x.shape[-1]
-        probe = x[: min(8, x.shape[0])] if x.dim() == 2 else x
-        self.sparse = x.dim() == 2 and x.is_contiguous() and float((probe > 0).float().mean()) < SPARSE_DENSITY
+        # only on the CPU: the density probe and nonzero() read values back to the host, a synchronisation
+        # per step on a GPU, where the dense evaluation costs less than that
+        self.sparse = (x.dim() == 2 and x.is_contiguous() and x.device.type == "cpu"
+                       and float((x[: min(8, x.shape[0])] > 0).float().mean()) < SPARSE_DENSITY)
         if self.sparse:
             flat = x.reshape(-1)
             self.idx = torch.nonzero(flat).squeeze(1)
