@@ -35,14 +35,14 @@ def _state_equal(a: Any, b: Any) -> None:
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys()
     for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
+        assert torch.equal(sa[name].cpu(), sb[name].cpu()), name
 
 
 # ------------------------------------------------------------------------------------------ round trips
 def test_reference_save_load_identical(ref_model: Any, ref_adata: Any, tmp_path: Path) -> None:
     out = ref_model.save(tmp_path / "ref")
     assert out == tmp_path / "ref"
-    loaded = atlasmap.SCVI.load(tmp_path / "ref", adata=ref_adata)
+    loaded = atlasmap.SCVI.load(tmp_path / "ref", adata=ref_adata, device=ref_model.device)
     assert type(loaded) is atlasmap.SCVI and loaded.is_trained and loaded.surgery is None
     _state_equal(ref_model, loaded)
     assert loaded.registry == ref_model.registry and loaded.registry.categories == ref_model.registry.categories
@@ -57,7 +57,7 @@ def test_reference_save_load_identical(ref_model: Any, ref_adata: Any, tmp_path:
 def test_query_save_load_identical(query_model: Any, ref_model: Any, query_adata: Any, ref_adata: Any,
                                    tmp_path: Path) -> None:
     query_model.save(tmp_path / "query")
-    loaded = atlasmap.SCVI.load(tmp_path / "query", adata=query_adata)
+    loaded = atlasmap.SCVI.load(tmp_path / "query", adata=query_adata, device=query_model.device)
     _state_equal(query_model, loaded)
     assert loaded.registry.categories == query_model.registry.categories
     assert loaded.surgery == query_model.surgery
@@ -73,7 +73,7 @@ def test_query_save_load_identical(query_model: Any, ref_model: Any, query_adata
 def test_loaded_query_keeps_training_with_frozen_reference(query_model: Any, ref_model: Any, query_adata: Any,
                                                            ref_adata: Any, tmp_path: Path) -> None:
     query_model.save(tmp_path / "query")
-    loaded = atlasmap.SCVI.load(tmp_path / "query", adata=query_adata)
+    loaded = atlasmap.SCVI.load(tmp_path / "query", adata=query_adata, device=query_model.device)
     before = parameters(loaded)
     loaded.train(2, progress_bar=False, weight_decay=0.5)
     moved = {n for n, p in loaded.module.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -91,7 +91,7 @@ def test_save_load_other_architectures(kwargs: dict, ref_adata: Any, query_adata
     query = train_query(query_adata, ref, epochs=2)
     for name, model, adata, batch in (("ref", ref, ref_adata, "batch1"), ("query", query, query_adata, "batch3")):
         model.save(tmp_path / name)
-        loaded = atlasmap.SCVI.load(tmp_path / name, adata=adata)
+        loaded = atlasmap.SCVI.load(tmp_path / name, adata=adata, device=model.device)
         _state_equal(model, loaded)
         assert {n: b.shape for n, b in loaded.module.named_buffers()} == \
             {n: b.shape for n, b in model.module.named_buffers()}
@@ -150,13 +150,69 @@ def test_overwrite_false_refuses_existing_directory(ref_model: Any, tmp_path: Pa
 def test_overwrite_true_replaces(ref_model: Any, query_model: Any, query_adata: Any, tmp_path: Path) -> None:
     target = tmp_path / "model"
     ref_model.save(target)
-    (target / "stale.txt").write_text("from before")
     query_model.save(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "old or temporary directories left behind"
-    loaded = atlasmap.SCVI.load(target, adata=query_adata)
+    loaded = atlasmap.SCVI.load(target, adata=query_adata, device=query_model.device)
     assert loaded.surgery is not None
     assert np.array_equal(loaded.get_latent_representation(), query_model.get_latent_representation())
+
+
+def test_overwrite_never_deletes_files_atlasmap_did_not_write(ref_model: Any, query_model: Any,
+                                                              tmp_path: Path) -> None:
+    """scvi-tools users save into folders that hold other things: such a folder is refused, untouched."""
+    folder = tmp_path / "project"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(InputError, match=r"not an atlasmap model directory \(it holds notes.txt, sub/\).*never "
+                                         r"deletes other files.*project/model"):
+        ref_model.save(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "my notes" and (folder / "sub" / "data.csv").read_text() == "1,2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"], "temporary directories left behind"
+    # a model directory someone added a file to is not atlasmap's alone any more: refused as well
+    model_dir = tmp_path / "model"
+    ref_model.save(model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    (model_dir / "README.md").write_text("our reference")
+    with pytest.raises(InputError, match=r"it holds README.md"):
+        query_model.save(model_dir, overwrite=True)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.name != "README.md"} == before
+    # a config.json of another tool is not ours either
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / CONFIG_FILE).write_text('{"model_type": "bert"}')
+    with pytest.raises(InputError, match="not an atlasmap model directory"):
+        ref_model.save(other, overwrite=True)
+    assert (other / CONFIG_FILE).read_text() == '{"model_type": "bert"}'
+
+
+def test_overwrite_replaces_an_empty_directory(ref_model: Any, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    ref_model.save(tmp_path / "empty", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.parametrize("contents", ["empty", "model"])
+def test_saving_over_the_working_directory_is_an_input_error(ref_model: Any, tmp_path: Path, contents: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``save(".", overwrite=True)`` gave a raw ``OSError: Device or resource busy``."""
+    cwd = tmp_path / "work"
+    if contents == "model":
+        ref_model.save(cwd)
+    else:
+        cwd.mkdir()
+    before = sorted(p.name for p in cwd.iterdir())
+    monkeypatch.chdir(cwd)
+    with pytest.raises(InputError, match=r"current working directory.*model"):
+        ref_model.save(".", overwrite=True)
+    with pytest.raises(InputError, match="already exists"):
+        ref_model.save(".")
+    assert sorted(p.name for p in cwd.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    ref_model.save("model")  # a subdirectory of the working directory is fine
+    assert (cwd / "model" / CONFIG_FILE).is_file()
 
 
 def test_save_over_a_file_is_refused(ref_model: Any, tmp_path: Path) -> None:
@@ -179,11 +235,11 @@ def test_failed_save_leaves_existing_directory_intact(ref_model: Any, query_mode
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="cannot write the model to .*disk full"):
         query_model.save(target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "temporary directory left behind"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         query_model.save(tmp_path / "new")
     assert not (tmp_path / "new").exists()
 

@@ -6,11 +6,13 @@ module that the config describes before any weight is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ FORMAT = "atlasmap-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: The files of a model directory: all that atlasmap ever writes there, and all it ever deletes.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def _model_classes() -> dict[str, type]:
@@ -76,22 +80,30 @@ def _block_sizes(module: Any, covariate: int) -> list[int]:
 
 
 def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model`` to ``dir_path`` atomically (temporary sibling directory, then rename)."""
+    """Write ``model`` to ``dir_path`` atomically (temporary sibling directory, then rename).
+
+    An existing directory is replaced only with ``overwrite=True`` and only if it is empty or holds an
+    atlasmap model and nothing else: atlasmap never deletes files it did not write.
+    """
     from safetensors.torch import save_file
 
-    target = Path(dir_path)
+    target = Path(os.path.abspath(dir_path))  # absolute, so that "." has a parent to write beside
     if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target} exists and is not a directory; choose another path.")
+        raise InputError(f"{dir_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    if target.exists():
+        _check_replaceable(target, dir_path)
     from atlasmap.distributed import is_main_process
 
     if not is_main_process():  # under torchrun every rank holds the same model; rank 0 writes it
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.module.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise InputError(f"cannot write the model to {dir_path}: {err.strerror or err} ({target.parent}); "
+                         "choose a directory you can write to.") from None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
@@ -101,18 +113,71 @@ def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> 
         _fsync_file(tmp / WEIGHTS_FILE)
         if target.exists():
             if _exchange_directories(tmp, target):  # one atomic step: the path always holds a whole model
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous model
+                _remove_model_directory(tmp)  # tmp now holds the previous model (checked: atlasmap files only)
             else:  # no RENAME_EXCHANGE (not Linux, old kernel, some filesystems): a brief window remains
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.rename(target, old / "model")
                 os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_model_directory(old / "model")
+                with contextlib.suppress(OSError):
+                    old.rmdir()
         else:
             os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary directory
+        if isinstance(err, OSError):
+            raise InputError(f"cannot write the model to {dir_path}: {err.strerror or err}; nothing was changed "
+                             f"there (check free space and permissions of {target.parent}).") from None
         raise
     return target
+
+
+def _check_replaceable(target: Path, given: str | Path) -> None:
+    """Refuse to replace ``target`` unless it is a directory holding an atlasmap model and nothing else,
+    or an empty one; also refuse the current working directory (or a directory containing it)."""
+    if not target.is_dir():
+        raise InputError(f"{given} exists and is not a directory; choose another path.")
+    cwd = Path(os.getcwd())
+    if target == cwd or target in cwd.parents:
+        raise InputError(f"cannot replace {given}: it is the current working directory or contains it. Save the "
+                         f"model to a new subdirectory instead, e.g. {Path(given) / 'model'}.")
+    try:
+        entries = sorted(target.iterdir())
+    except OSError as err:
+        raise InputError(f"cannot read {given} ({err.strerror or err}); choose another path.") from None
+    if not entries:
+        return
+    foreign = [e for e in entries if e.name not in MODEL_FILES or not e.is_file() or e.is_symlink()]
+    is_model = not foreign and (target / CONFIG_FILE).is_file() and _is_atlasmap_config(target / CONFIG_FILE)
+    if not is_model:
+        shown = foreign or entries
+        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in shown[:4]) + (", ..." if len(shown) > 4 else "")
+        raise InputError(
+            f"{given} is not an atlasmap model directory (it holds {names}); atlasmap replaces only a directory it "
+            f"saved a model to, or an empty one, and never deletes other files. Save to a new directory (e.g. "
+            f"{Path(given) / 'model'}) or move those files away first."
+        )
+
+
+def _is_atlasmap_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def _remove_model_directory(path: Path) -> None:
+    """Delete a model directory atlasmap wrote: its model files, then the directory if nothing else is in it
+    (a file someone added since is left where it is, with the directory)."""
+    for name in MODEL_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (path / name).unlink()
+    try:
+        path.rmdir()
+    except OSError:
+        warnings.warn(f"left {path}: files appeared in the replaced model directory while saving; atlasmap did "
+                      "not delete them.", UserWarning, stacklevel=3)
 
 
 def _exchange_directories(a: Path, b: Path) -> bool:
@@ -176,13 +241,17 @@ def read_config(dir_path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None = None) -> Any:
-    """Load a model directory written by :func:`save_model`."""
+def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None = None,
+               device: str | torch.device = "cpu") -> Any:
+    """Load a model directory written by :func:`save_model` onto ``device`` (default the CPU, whatever device
+    the model was trained on: the files hold CPU tensors; ``"auto"`` picks CUDA when available)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     from atlasmap.surgery import add_category_blocks, restore_freezing
+    from atlasmap.train import resolve_device
 
+    target_device = resolve_device(str(device))  # before reading: a bad device is the caller's error
     path = Path(dir_path)
     config = read_config(path)
     classes = _model_classes()
@@ -244,6 +313,7 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{weights_path} could not be read ({err}); it is corrupt or truncated.") from None
     module.load_state_dict(loaded, strict=True)
+    module.to(target_device)
 
     try:
         model = cls._from_parts(
