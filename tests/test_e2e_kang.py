@@ -60,7 +60,7 @@ def test_kang_reference_ctrl_query_stim_knn_transfer(shared_data: Callable[..., 
 
     # a saved and reloaded query model gives the same latent, and the inputs were never modified
     query_model.save(tmp_path / "query")
-    reloaded = atlasmap.SCVI.load(tmp_path / "query", adata=query)
+    reloaded = atlasmap.SCVI.load(tmp_path / "query", adata=query, device=query_model.device)
     assert np.array_equal(reloaded.get_latent_representation(), z_query)
     assert_unchanged(ref, snaps["ref"])
     assert_unchanged(query, snaps["query"])

@@ -33,7 +33,7 @@ def query_module(data: tuple[Any, Any], *, surgery: dict | None = None, **arch: 
     ref, query = data
     kwargs = {**SMALL, **arch}
     model = atlasmap.SCVI(ref, batch_key="batch", **kwargs)
-    model.train(max_epochs=2, progress_bar=False)
+    model.train(max_epochs=2, progress_bar=False, device="cpu")  # the fused step is the CPU one
     qmodel = atlasmap.SCVI.load_query_data(query, model, **(surgery or {}))
     module = qmodel.module
     cells = with_frozen_fields(module, qmodel._cells(training=True))
@@ -117,7 +117,7 @@ def test_fused_step_with_two_covariates_across_blocks() -> None:
     codes must find their block and only the trainable block may receive gradient."""
     ref, query = split_by_batch(simulate(480, seed=4))
     model = atlasmap.SCVI(ref, batch_key="batch", categorical_covariate_keys=["donor"], **SMALL)
-    model.train(max_epochs=2, progress_bar=False)
+    model.train(max_epochs=2, progress_bar=False, device="cpu")  # the fused step is the CPU one
     qmodel = atlasmap.SCVI.load_query_data(query, model)
     module = qmodel.module
     cells = with_frozen_fields(module, qmodel._cells(training=True))
@@ -163,7 +163,7 @@ def test_training_with_fused_step_matches_autograd_training(data: tuple, monkeyp
     module, cells = query_module(data)
     frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
-    config = TrainConfig(max_epochs=3, batch_size=32, progress_bar=False)
+    config = TrainConfig(max_epochs=3, batch_size=32, progress_bar=False, device="cpu")  # the CPU step
     used = []
     real_build = fs.fused_step
 

@@ -303,7 +303,7 @@ def test_frozen_parameters_get_no_gradient_in_a_manual_step(ref_model: Any, quer
     query = atlasmap.SCVI.load_query_data(query_adata, ref_model)
     cells = query._cells(training=True)
     query.module.train()
-    terms = query.module.loss(cells.batch(np.arange(64)), kl_weight=1.0)
+    terms = query.module.loss(cells.batch(np.arange(64), query.device), kl_weight=1.0)
     terms.loss.backward()
     grads = {n: p.grad for n, p in query.module.named_parameters()}
     assert {n for n, g in grads.items() if g is not None} == set(query.surgery["trainable"])

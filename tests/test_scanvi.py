@@ -171,7 +171,7 @@ def test_from_scvi_model_copies_weights_and_fine_tunes_briefly(split: tuple[ad.A
     own = model.module.state_dict()
     for name, tensor in scvi.module.state_dict().items():
         assert torch.equal(own[name], tensor), name
-    batch = model._cells().batch(np.arange(20))
+    batch = model._cells().batch(np.arange(20), model.device)
     with torch.no_grad():
         scvi.module.eval(), model.module.eval()
         assert torch.equal(model.module.inference(batch, sample=False)["qz_m"],
@@ -200,7 +200,7 @@ def test_save_load_identical_predictions(trained: dict[str, Any], split: tuple[a
     for name, data in (("ref", [ref]), ("query", [ref, query])):
         model = trained[name]
         model.save(tmp_path / name)
-        loaded = atlasmap.load(tmp_path / name, adata=model.adata)
+        loaded = atlasmap.load(tmp_path / name, adata=model.adata, device=model.device)
         assert type(loaded) is SCANVI
         assert (loaded.labels, loaded.labels_key, loaded.unlabeled_category) == (
             model.labels, model.labels_key, model.unlabeled_category)

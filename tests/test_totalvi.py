@@ -208,7 +208,7 @@ def test_surgery_options_reach_every_decoder_body(cite: ad.AnnData, ref_model: T
 # ------------------------------------------------------------------------------------------ masking
 def _module_batch(model: TOTALVI, adata: ad.AnnData) -> dict[str, torch.Tensor]:
     cells = model._cells(adata)
-    return cells.batch(np.arange(cells.n_cells))
+    return cells.batch(np.arange(cells.n_cells), model.device)
 
 
 def test_masked_values_change_neither_loss_nor_latent(cite: ad.AnnData, ref_model: TOTALVI) -> None:
@@ -371,7 +371,7 @@ def test_save_load_round_trip(mapped: dict[str, Any], ref_model: TOTALVI, tmp_pa
         path = m.save(tmp_path / name)
         config = json.loads((path / "config.json").read_text())
         assert config["model"] == "TOTALVI" and config["extra"]["protein_names"] == PROTEINS
-        loaded = atlasmap.load(path)
+        loaded = atlasmap.load(path, device=m.device)
         assert isinstance(loaded, TOTALVI)
         assert loaded.batch_protein_mask == m.batch_protein_mask
         assert np.array_equal(loaded.get_latent_representation(adata), m.get_latent_representation(adata))

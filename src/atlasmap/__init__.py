@@ -40,8 +40,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'atlasmap' has no attribute {name!r}")
 
 
-def load(dir_path: Any, adata: Any = None) -> Any:
-    """Load any saved atlasmap model (its class is read from the directory)."""
+def load(dir_path: Any, adata: Any = None, *, device: str = "cpu") -> Any:
+    """Load any saved atlasmap model (its class is read from the directory) onto ``device`` (default the CPU,
+    whatever device it was trained on)."""
     from atlasmap.io import load_model
 
-    return load_model(dir_path, adata=adata)
+    return load_model(dir_path, adata=adata, device=device)

@@ -18,6 +18,7 @@ from atlasmap.errors import AtlasmapError, InputError
 EXIT_USER_ERROR = 2
 #: Model classes `atlasmap reference --model` can train.
 REFERENCE_MODELS = ["scvi", "scanvi", "totalvi"]
+DEVICE_HELP = "auto (the GPU when CUDA is available, else the CPU; the default), cpu, cuda, cuda:N"
 
 
 def _add_training_args(p: argparse.ArgumentParser, default_epochs: int | None) -> None:
@@ -30,7 +31,7 @@ def _add_training_args(p: argparse.ArgumentParser, default_epochs: int | None) -
     g.add_argument("--weight-decay", type=float, default=1e-6)
     g.add_argument("--early-stopping", action="store_true", help="stop when the validation ELBO stalls")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, one per core); on a shared machine "
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for PyTorch")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.add_argument("--scib", choices=["full", "fast", "none"], default="fast",
                       help="scIB metrics in the report: fast (default; without the slow kBET and BRAS), full "
                            "(scib-metrics' default set), none")
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scib", choices=["full", "fast", "none"], default="full",
                     help="full (scib-metrics' default set), fast (without kBET and BRAS), none")
     ev.add_argument("--no-plots", action="store_true", help="tables only")
+    ev.add_argument("--device", default="auto",
+                    help="where scib-metrics' JAX computations run: auto (JAX's default), cpu, cuda, cuda:N")
 
     info = sub.add_parser("info", help="describe a saved model directory")
     info.add_argument("model", metavar="MODEL_DIR")
@@ -196,6 +200,7 @@ def cmd_reference(args: argparse.Namespace) -> None:
         model.train(**_train_kwargs(args))
     model.save(out, overwrite=args.overwrite)
     hist = model.history
+    print(f"device: {_device_text(model)}")
     print(f"reference model: {adata.n_obs} cells x {model.registry.n_vars} genes, "
           f"{len(hist['epoch'])} epochs in {time.perf_counter() - t0:.1f} s, final validation ELBO "
           f"{hist.get('elbo_validation', hist['elbo_train'])[-1]:.2f} per cell -> {out}")
@@ -322,6 +327,7 @@ def _cmd_map_backed(args: argparse.Namespace) -> None:
                  uns={"reference": str(args.reference), "new_categories": model.surgery["new_categories"]})
     if args.model_out:
         model.save(args.model_out, overwrite=args.overwrite)
+    print(f"device: {_device_text(model)}")
     print(f"mapped {query.n_obs} query cells (backed) in {t_train:.1f} s, latent written in "
           f"{time.perf_counter() - t0 - t_train:.1f} s -> {args.output}")
 
@@ -367,6 +373,7 @@ def cmd_map(args: argparse.Namespace) -> None:
     write_h5ad_atomic(joint, out, overwrite=args.overwrite)
     if args.model_out:
         model.save(args.model_out, overwrite=args.overwrite)
+    print(f"device: {_device_text(model)}")
     print(f"mapped {query.n_obs} query cells in {t_train:.1f} s -> {out}")
     if hasattr(model, "protein_names"):
         print("totalVI proteins: denoised (imputed where not measured) in obsm['atlasmap_protein_denoised'], "
@@ -429,23 +436,32 @@ def _write_report(report: Path, joint: Any, *, batch_key: str | None, label_key:
     return files
 
 
+def _device_text(model: Any) -> str:
+    from atlasmap.train import describe_device
+
+    return describe_device(model.device)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from atlasmap.mapping import read_h5ad
-    from atlasmap.metrics import evaluate, format_table
+    from atlasmap.metrics import evaluate, format_table, jax_device
     from atlasmap.report import write_report
 
     adata = read_h5ad(args.adata, what="mapped")
     out = Path(args.output)
-    if args.no_plots:
-        table = evaluate(adata, batch_key=args.batch_key, label_key=args.label_key, use_rep=args.use_rep,
-                         dataset_key=args.dataset_key, predicted_key=args.predicted_key, scib=args.scib,
-                         output_dir=out)
-        files = sorted(p for p in out.iterdir() if p.suffix in (".csv", ".json"))
-    else:
-        files, table = write_report(out, adata, batch_key=args.batch_key, label_key=args.label_key,
-                                    predicted_key=args.predicted_key, use_rep=args.use_rep,
-                                    dataset_key=args.dataset_key, scib=args.scib)
-        assert table is not None
+    with jax_device(args.device) as used:
+        if args.scib != "none":
+            print(f"device: {used} (scib-metrics' JAX computations)")
+        if args.no_plots:
+            table = evaluate(adata, batch_key=args.batch_key, label_key=args.label_key, use_rep=args.use_rep,
+                             dataset_key=args.dataset_key, predicted_key=args.predicted_key, scib=args.scib,
+                             output_dir=out)
+            files = sorted(p for p in out.iterdir() if p.suffix in (".csv", ".json"))
+        else:
+            files, table = write_report(out, adata, batch_key=args.batch_key, label_key=args.label_key,
+                                        predicted_key=args.predicted_key, use_rep=args.use_rep,
+                                        dataset_key=args.dataset_key, scib=args.scib)
+            assert table is not None
     print(format_table(table))
     predicted = table.attrs.get("predicted_key")
     print(f"predictions: {f'obs[{predicted!r}]' if predicted else 'none found (pass --predicted-key)'}")
@@ -465,11 +481,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"query {query.n_obs} stimulated cells, {adata.n_vars} genes")
     t0 = time.perf_counter()
     reference = SCVI(ref, batch_key="batch", n_layers=2, n_latent=10, seed=args.seed)
-    reference.train(max_epochs=args.epochs, seed=args.seed, progress_bar=not args.quiet)
+    reference.train(max_epochs=args.epochs, seed=args.seed, progress_bar=not args.quiet, device=args.device)
     t_ref = time.perf_counter() - t0
+    print(f"device: {_device_text(reference)}")
     t1 = time.perf_counter()
     model = SCVI.load_query_data(query, reference)
-    model.train(max_epochs=args.epochs, seed=args.seed, progress_bar=not args.quiet)
+    model.train(max_epochs=args.epochs, seed=args.seed, progress_bar=not args.quiet, device=args.device)
     t_query = time.perf_counter() - t1
     joint = joint_embedding(model, query, ref)
     knn = knn_transfer(joint, "cell_type", k=15)

@@ -337,7 +337,8 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
 
     from atlasmap.data.backed import epoch_batches
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            train_mod.deterministic_algorithms(config.deterministic, device):
         torch.manual_seed(config.seed + ctx.rank)  # rank-specific sampling noise and dropout
         bar = tqdm(range(config.max_epochs), desc=f"Training ({ctx.world_size} ranks)", unit="epoch",
                    disable=not show, leave=False, dynamic_ncols=True)

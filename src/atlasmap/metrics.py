@@ -16,9 +16,10 @@ scib-metrics (and JAX under it) is an optional extra, imported only when scIB me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,31 @@ BIO, BATCH, AGGREGATE, TRANSFER, DATA = ("Bio conservation", "Batch correction",
 NEIGHBOR_VALUES = (15, 50, 90)
 #: Above this many cells the scIB neighbour graphs are approximate (pynndescent), as in scib-metrics.
 EXACT_NEIGHBORS_MAX_CELLS = 100_000
+
+
+@contextlib.contextmanager
+def jax_device(device: str = "auto") -> Iterator[str]:
+    """Run scib-metrics' JAX computations inside on ``device`` (``"auto"``: JAX's default, ``"cpu"``,
+    ``"cuda"``/``"cuda:N"``: a GPU JAX sees); yields a description of the device used. JAX is imported only
+    when a device is asked for."""
+    if device == "auto":
+        yield "auto (JAX's default device)"
+        return
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    import jax
+
+    try:
+        devices = jax.devices("cpu" if kind == "cpu" else "gpu")
+    except RuntimeError:
+        raise InputError(f"device {device!r}: JAX (used by scib-metrics) has no GPU backend here; install JAX with "
+                         "CUDA support (pip install 'jax[cuda12]') or use --device cpu.") from None
+    i = int(index) if index.isdigit() else 0
+    if i >= len(devices):
+        raise InputError(f"device {device!r}: JAX sees {len(devices)} {kind} device(s).")
+    with jax.default_device(devices[i]):
+        yield f"{device} ({devices[i]})"
 
 
 def evaluate(

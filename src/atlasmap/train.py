@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ class TrainConfig:
     device: str = "auto"
     progress_bar: bool = True
     check_val_every_n_epoch: int = 1
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -70,16 +72,63 @@ def default_max_epochs(n_cells: int) -> int:
     return int(min(400, max(1, round(20_000 / max(n_cells, 1) * 400))))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for a user's ``device`` argument: ``"auto"`` (the current CUDA device when CUDA is
+    available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (also ``"meta"``, for shape-only checks).
+
+    Raises
+    ------
+    InputError
+        An unknown device, CUDA asked for where there is none, or a GPU index beyond the GPUs present.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise InputError(f"unknown device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'.")
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown device {device!r} ({err}); use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} requested but CUDA is not available (PyTorch "
+                             f"{torch.__version__}, {'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}); "
+                             "use device='cpu' or 'auto' (CLI: --device cpu).")
+        n = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= n:
+            raise InputError(f"device {str(device)!r} requested but only {n} GPU(s) are visible (cuda:0 .. cuda:{n - 1}).")
+        return torch.device("cuda", index)
+    if dev.type not in ("cpu", "meta", "mps"):
+        raise InputError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
     return dev
+
+
+def describe_device(device: torch.device) -> str:
+    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu (2 threads)"``: what the CLI prints as the device used."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the duration of a training call (restored after), so
+    that on CUDA two runs with the same seed give the same bits (atomic-add reductions, e.g. the backward
+    of the covariate-table lookups, take their deterministic kernels). CPU training is deterministic anyway."""
+    if not enabled:
+        yield
+        return
+    if device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        raise InputError("deterministic=True on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the "
+                         "environment before the process starts (cuBLAS reads it when it starts), e.g. "
+                         "`CUBLAS_WORKSPACE_CONFIG=:4096:8 python script.py`.")
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def kl_weight_at(epoch: int, n_epochs_kl_warmup: int | None) -> float:
@@ -191,7 +240,8 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
 
     from tqdm.auto import tqdm
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            deterministic_algorithms(config.deterministic, device):
         torch.manual_seed(config.seed)
         bar = tqdm(range(config.max_epochs), desc="Training", unit="epoch", disable=not config.progress_bar,
                    leave=False, dynamic_ncols=True)

@@ -129,6 +129,7 @@ class BaseModel:
         device: str = "auto",
         progress_bar: bool = True,
         check_val_every_n_epoch: int = 1,
+        deterministic: bool = False,
     ) -> BaseModel:
         """Train the model on its AnnData.
 
@@ -147,12 +148,17 @@ class BaseModel:
         seed
             Seeds the split, shuffling and sampling: the same seed gives bit-identical results on CPU.
         device
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... The model
+            moves there and stays there (see :attr:`device`, :meth:`to_device`).
         progress_bar
             Show a tqdm progress bar.
         check_val_every_n_epoch
             Compute the validation loss every this many epochs (and in the last one; every epoch under
             early stopping). Epochs without it have ``None`` in the validation entries of :attr:`history`.
+        deterministic
+            Use PyTorch's deterministic algorithms during this call, so that two runs on CUDA with the same
+            seed give the same bits (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment; CPU
+            training is deterministic without it).
 
         Returns
         -------
@@ -166,6 +172,7 @@ class BaseModel:
             weight_decay=weight_decay, n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience, seed=seed,
             device=device, progress_bar=progress_bar, check_val_every_n_epoch=check_val_every_n_epoch,
+            deterministic=deterministic,
         )
         self.history = train_module(self.module, cells, config, self.history)
         self.is_trained = True
@@ -237,11 +244,28 @@ class BaseModel:
         return save_model(self, dir_path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: Any = None) -> BaseModel:
-        """Load a saved model; reads JSON and safetensors only (no code is executed)."""
+    def load(cls, dir_path: str | Path, adata: Any = None, *, device: str = "cpu") -> BaseModel:
+        """Load a saved model; reads JSON and safetensors only (no code is executed).
+
+        ``device``: where the weights go (default the CPU, whatever device the model was trained on;
+        ``"auto"``, ``"cuda"``, ``"cuda:1"``, ...).
+        """
         from atlasmap.io import load_model
 
-        return load_model(dir_path, adata=adata, expected=cls)
+        return load_model(dir_path, adata=adata, expected=cls, device=device)
+
+    def to_device(self, device: str | torch.device) -> BaseModel:
+        """Move the model's weights to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``); returns the
+        model. ``train`` moves the model to its ``device`` argument too, and the model stays there."""
+        from atlasmap.train import resolve_device
+
+        self.module.to(resolve_device(str(device)))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on."""
+        return self._device()
 
     @classmethod
     def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, **kwargs: Any) -> BaseModel:
