@@ -10,6 +10,8 @@ Workloads::
     python benchmarks/bench_mapping.py --workload kang        # shared Kang split: ref=ctrl, query=stim, 100+100 epochs
     python benchmarks/bench_mapping.py --workload synthetic   # 20,000 cells x 2,000 genes x 4 batches, ref = 3 batches
     python benchmarks/bench_mapping.py --workload scaling     # 100,000-cell set: cells 5k..100k, genes 2k/5k/20k
+    python benchmarks/bench_mapping.py --workload kang --device cuda   # both tools on the same GPU
+                                                                       # (scvi-tools: accelerator="gpu")
 
 Settings shared by both tools: scArches-tutorial architecture (n_layers=2, n_latent=30, n_hidden=128,
 layer norm, no batch norm, covariates encoded and deeply injected), ZINB, gene dispersion, batch size
@@ -79,6 +81,7 @@ def run_tool(tool: str, python: str, data: Path, args: argparse.Namespace, extra
     cmd = [python, str(script), "--data", str(data), "--out", str(out), *extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--device", args.device]
     print(f"  running {tool}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     with open(log, "w") as fh:
@@ -114,8 +117,10 @@ def machine() -> dict:
         mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 1024**2:.0f} GB"
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "load_average_at_start": os.getloadavg(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "gpu": gpu, "cuda": torch.version.cuda}
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -167,6 +172,9 @@ def comparison_table(a: dict, s: dict | None, imports: dict) -> str:
         _ratio(ac["normalized"], sc.get("normalized")), "≥ 50,000")
     row("peak RSS, MB", a["peak_rss_mb"], s.get("peak_rss_mb"), _ratio(a["peak_rss_mb"], s.get("peak_rss_mb")),
         "≤ 1x", 0)
+    if a.get("peak_gpu_mb") is not None:
+        row("peak GPU memory (allocated by PyTorch), MB", a["peak_gpu_mb"], s.get("peak_gpu_mb"),
+            _ratio(a["peak_gpu_mb"], s.get("peak_gpu_mb")), "", 0)
     row("import, s (`import atlasmap` / `import scvi`)", imports.get("atlasmap"), imports.get("scvi"), None, "< 2 s")
     row("import with torch + model code, s", imports.get("atlasmap_full"), None, None, "", 2)
     for key, label in (("elbo_validation_ref", "validation ELBO / cell, reference (each tool's own split)"),
@@ -223,6 +231,8 @@ def main() -> None:
     p.add_argument("--epochs-ref", type=int, default=None)
     p.add_argument("--epochs-query", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both tools train and infer there "
+                                                   "(scvi-tools with accelerator='gpu')")
     p.add_argument("--seed", type=int, default=0, help="seed of both tools' training (run several for quality)")
     p.add_argument("--scaling", nargs="+", default=["100000x2000", "20000x5000", "20000x20000", "100000x5000"],
                    help="CELLSxGENES configurations of --workload scaling")
@@ -260,7 +270,7 @@ def main() -> None:
                                 extra=["--batch-key", "batch", "--ref-batches", "batch0", "batch1", "batch2",
                                        "--query-batches", "batch3", "--labels-key", "cell_type"]))
 
-    report = {"workload": args.workload, "machine": machine(), "imports": imports, "runs": []}
+    report = {"workload": args.workload, "device": args.device, "machine": machine(), "imports": imports, "runs": []}
     for cfg in configs:
         data = cfg["data"] or synthetic_file(cfg["n_cells"], cfg["n_genes"])
         e_ref = args.epochs_ref or cfg["epochs"][0]
@@ -282,7 +292,8 @@ def main() -> None:
     m = report["machine"]
     print(f"\n## {args.workload}: atlasmap vs scvi-tools\n")
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, torch {m['torch']} "
-          f"({m['torch_threads']} threads).\n")
+          f"({m['torch_threads']} threads); device {args.device}"
+          f"{' (' + m['gpu'] + ', CUDA ' + str(m['cuda']) + ')' if m.get('gpu') else ''}.\n")
     for run in report["runs"]:
         a = run.get("atlasmap")
         if not a:

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both tools train and infer (default cpu)")
     p.add_argument("--normalized-cells", type=int, default=5000,
                    help="query cells used to time normalized-expression inference")
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
@@ -79,6 +80,19 @@ def knn_accuracy(ref_latent, ref_labels, query_latent, query_labels, k: int = 15
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory PyTorch allocated in this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1024**2 if torch.cuda.is_available() else None
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,12 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = scvi.model.SCVI(ref, **arch)
     times["setup"] = time.perf_counter() - t
 
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+
     def fit(m, epochs: int) -> tuple[float, list[float]]:  # noqa: ANN001
         timer = EpochTimer()
         t0 = time.perf_counter()
         m.train(max_epochs=epochs, train_size=args.train_size, batch_size=args.batch_size, early_stopping=False,
                 enable_progress_bar=False, enable_checkpointing=False, check_val_every_n_epoch=epochs,
-                plan_kwargs={"lr": args.lr}, callbacks=[timer], accelerator="cpu", devices=1)
+                plan_kwargs={"lr": args.lr}, callbacks=[timer], accelerator=accelerator, devices=1)
         return time.perf_counter() - t0, timer.seconds
 
     times["ref_train_total"], ref_epochs = fit(model, args.epochs_ref)
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         del model
 
         t = time.perf_counter()
-        qmodel = scvi.model.SCVI.load_query_data(query, ref_dir, accelerator="cpu")
+        qmodel = scvi.model.SCVI.load_query_data(query, ref_dir, accelerator=accelerator)
         times["surgery"] = time.perf_counter() - t
 
     times["query_train_total"], query_epochs = fit(qmodel, args.epochs_query)
@@ -200,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         "elbo_all_query": -float(qmodel.get_elbo()),
         "knn_accuracy": None,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
+        "device": device_name(args.device),
         "wall_total_s": time.perf_counter() - T_START,
     }
     if args.labels_key:

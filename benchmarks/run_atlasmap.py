@@ -17,7 +17,7 @@ import time
 T_START = time.perf_counter()
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_scvi_tools import knn_accuracy, parse_args, peak_rss_mb, split_cells  # noqa: E402
+from peer_scvi_tools import device_name, knn_accuracy, parse_args, peak_gpu_mb, peak_rss_mb, split_cells  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                 gene_likelihood="zinb", dispersion="gene", encode_covariates=True, deeply_inject_covariates=True,
                 use_layer_norm="both", use_batch_norm="none")
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, train_size=args.train_size, early_stopping=False,
-                    seed=args.seed, progress_bar=False)
+                    seed=args.seed, progress_bar=False, device=args.device)
 
     t = time.perf_counter()
     model = atlasmap.SCVI(ref, batch_key=args.batch_key, seed=args.seed, **arch)
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "elbo_all_query": qmodel.get_elbo(),
         "knn_accuracy": None,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
+        "device": device_name(args.device),
         "wall_total_s": time.perf_counter() - T_START,
     }
     if args.labels_key:
