@@ -52,7 +52,7 @@ def _query(adata: ad.AnnData) -> ad.AnnData:
 # ------------------------------------------------------------------------------------------ exactness
 def test_fixture_is_small_and_complete() -> None:
     size = sum(p.stat().st_size for p in FIXTURE.rglob("*") if p.is_file())
-    assert size < 500 * 1024, f"fixture is {size / 1024:.0f} KB"
+    assert size < 2 * 1024**2, f"the scvi-tools fixtures are {size / 1024:.0f} KB (committed files: keep them small)"
     for name in MODELS:
         assert (FIXTURE / name / "model.pt").is_file() and (FIXTURE / name / "latent.npy").is_file()
 
