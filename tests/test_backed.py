@@ -21,7 +21,6 @@ from atlasmap.data.backed import (
     DataChangedError,
     backed_options,
     convert_to_csr,
-    epoch_batches,
     is_backed,
     prepare_backed_cells,
     read_backed,
@@ -90,14 +89,14 @@ def test_iter_batches_covers_each_row_once_shuffled(files: dict[str, Path], smal
     cells = prepare_backed_cells(adata, build_registry(adata, batch_key="batch"))
     rows = np.sort(np.random.default_rng(0).choice(cells.n_cells, 250, replace=False))
     seen, sizes = [], []
-    for batch in epoch_batches(cells, rows, 32, np.random.default_rng(1)):
+    for batch in cells.iter_batches(rows, 32, shuffle=True, rng=np.random.default_rng(1)):
         seen.append(batch["x"].sum(1).numpy())
         sizes.append(batch["x"].shape[0])
     assert sum(sizes) == rows.size and all(s == 32 for s in sizes[:-1]) and sizes[-1] >= 2
     order = np.concatenate(seen)
     np.testing.assert_array_equal(np.sort(order), np.sort(cells.library[rows]))
     assert not np.array_equal(order, cells.library[rows]), "rows came in file order: no shuffling"
-    again = np.concatenate([b["x"].sum(1).numpy() for b in epoch_batches(cells, rows, 32, np.random.default_rng(1))])
+    again = np.concatenate([b["x"].sum(1).numpy() for b in cells.iter_batches(rows, 32, shuffle=True, rng=np.random.default_rng(1))])
     np.testing.assert_array_equal(order, again)  # same seed, same order
 
 
@@ -123,8 +122,8 @@ def test_iter_batches_shards_chunks_across_ranks(files: dict[str, Path], small_c
 def test_in_memory_epoch_batches_split_global_batches(sim_adata: ad.AnnData) -> None:
     cells = prepare_cells(sim_adata, build_registry(sim_adata, batch_key="batch"))
     rows = np.arange(cells.n_cells)
-    single = [b["x"] for b in epoch_batches(cells, rows, 64, np.random.default_rng(3))]
-    ranks = [[b["x"] for b in epoch_batches(cells, rows, 64, np.random.default_rng(3), rank=r, world_size=2)]
+    single = [b["x"] for b in cells.iter_batches(rows, 64, shuffle=True, rng=np.random.default_rng(3))]
+    ranks = [[b["x"] for b in cells.iter_batches(rows, 64, shuffle=True, rng=np.random.default_rng(3), rank=r, world_size=2)]
              for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for whole, a, b in zip(single, *ranks, strict=True):
@@ -215,7 +214,7 @@ def test_file_changed_or_deleted_mid_run(tmp_path: Path, files: dict[str, Path],
     path.write_bytes(files["query"].read_bytes())
     adata = read_backed(path)
     cells = prepare_backed_cells(adata, build_registry(adata, batch_key="batch"))
-    batches = epoch_batches(cells, np.arange(cells.n_cells), 16, np.random.default_rng(0))
+    batches = cells.iter_batches(np.arange(cells.n_cells), 16, shuffle=True, rng=np.random.default_rng(0))
     next(batches)
     with open(path, "r+b") as fh:  # truncate (size changes)
         fh.truncate(os.path.getsize(path) - 1000)

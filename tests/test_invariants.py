@@ -329,7 +329,7 @@ def test_unfrozen_trains_every_weight(ref_adata: Any, query_adata: Any) -> None:
     query = atlasmap.SCVI.load_query_data(query_adata, ref_model, unfrozen=True)
     params = dict(query.module.named_parameters())
     assert all(p.requires_grad for p in params.values())
-    assert query.module.frozen_norms == []
+    assert query.module.frozen_state.norms_in_eval == ()
     query.train(3, progress_bar=False)
     unchanged = [n for n, b in before.items() if torch.equal(b, params[n].detach())]
     assert unchanged == [], f"unfrozen=True left these weights unchanged: {unchanged}"
@@ -377,7 +377,7 @@ def test_batch_norm_surgery_options(ref_adata: Any, query_adata: Any, freeze_dec
         assert trainable == _expected_new_blocks({})
     else:
         assert trainable == _expected_new_blocks({}) | dec_bn
-    assert all(not m.training for m in query.module.frozen_norms)
+    assert all(not m.training for m in query.module.frozen_state.norms_in_eval)
     assert np.array_equal(query.get_latent_representation(ref_adata), z_ref)
 
 

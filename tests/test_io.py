@@ -96,7 +96,7 @@ def test_save_load_other_architectures(kwargs: dict, ref_adata: Any, query_adata
         assert {n: b.shape for n, b in loaded.module.named_buffers()} == \
             {n: b.shape for n, b in model.module.named_buffers()}
         _assert_same_outputs(model, loaded, adata, batch)
-        assert [type(m) for m in loaded.module.frozen_norms] == [type(m) for m in model.module.frozen_norms]
+        assert [type(m) for m in loaded.module.frozen_state.norms_in_eval] == [type(m) for m in model.module.frozen_state.norms_in_eval]
 
 
 def test_query_from_saved_directory_equals_query_from_model(ref_model: Any, query_adata: Any, tmp_path: Path) -> None:

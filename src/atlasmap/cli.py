@@ -437,7 +437,7 @@ def _write_report(report: Path, joint: Any, *, batch_key: str | None, label_key:
 
 
 def _device_text(model: Any) -> str:
-    from atlasmap.train import describe_device
+    from atlasmap.runtime import describe_device
 
     return describe_device(model.device)
 

@@ -42,129 +42,27 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from atlasmap.errors import AtlasmapError, InputError
+from atlasmap.errors import AtlasmapError
 
 __all__ = ["DistributedContext", "current_context", "distributed", "init_distributed", "is_main_process", "main",
            "shutdown_distributed", "train_module_distributed"]
 
 
-@dataclass(frozen=True)
-class DistributedContext:
-    """This process's place in a distributed run.
-
-    Attributes
-    ----------
-    rank, world_size, local_rank
-        Global rank, number of ranks, rank on this node (``torchrun``'s ``RANK``, ``WORLD_SIZE``,
-        ``LOCAL_RANK``).
-    backend
-        ``"nccl"`` or ``"gloo"``.
-    device
-        The device this rank trains on (``cuda:LOCAL_RANK`` or ``cpu``).
-    """
-
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-_CONTEXT: DistributedContext | None = None
-
-
-def current_context() -> DistributedContext | None:
-    """The active :class:`DistributedContext`, or ``None`` outside a distributed run."""
-    return _CONTEXT
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a distributed run and in any ordinary (single-process) run."""
-    return _CONTEXT is None or _CONTEXT.is_main
-
-
-def init_distributed(*, backend: str = "auto", device: str = "auto", timeout_minutes: float = 30.0
-                     ) -> DistributedContext:
-    """Join the process group described by ``torchrun``'s environment variables.
-
-    Parameters
-    ----------
-    backend
-        ``"auto"`` (NCCL on GPU ranks, gloo on CPU), ``"nccl"`` or ``"gloo"``.
-    device
-        ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"`` or ``"cuda"``.
-    timeout_minutes
-        How long a collective may wait for a slow or dead rank before failing.
-
-    Raises
-    ------
-    InputError
-        Not started by ``torchrun`` (no ``RANK``/``WORLD_SIZE``), or a GPU backend without GPUs.
-    """
-    global _CONTEXT
-    import torch.distributed as dist
-
-    if _CONTEXT is not None:
-        return _CONTEXT
-    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise InputError(
-            f"not started by torchrun (environment variable(s) {', '.join(missing)} unset); launch with e.g. "
-            "torchrun --standalone --nproc-per-node 2 -m atlasmap.distributed reference REF.h5ad ..."
-        )
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device not in ("cpu",) and backend != "gloo"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available; use --device cpu (gloo).")
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if backend == "nccl" and not use_cuda:
-        raise InputError("the nccl backend needs GPUs; use the gloo backend (--device cpu) on CPU.")
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
-    _CONTEXT = DistributedContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=dev)
-    return _CONTEXT
-
-
-def shutdown_distributed() -> None:
-    """Wait for every rank, then leave the process group."""
-    global _CONTEXT
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-    _CONTEXT = None
-
-
-@contextlib.contextmanager
-def distributed(*, backend: str = "auto", device: str = "auto") -> Iterator[DistributedContext]:
-    """``with distributed() as ctx:`` — training inside runs data-parallel; the group is left at exit."""
-    ctx = init_distributed(backend=backend, device=device)
-    try:
-        yield ctx
-    finally:
-        shutdown_distributed()
-
+from atlasmap.runtime import (  # the context lives in the runtime leaf; re-exported here for users
+    DistributedContext,
+    current_context,
+    deterministic_algorithms,
+    distributed,
+    init_distributed,
+    is_main_process,
+    shutdown_distributed,
+)
 
 # ----------------------------------------------------------------------------------------------
 # The data-parallel training loop
@@ -190,10 +88,10 @@ class _LossModule(nn.Module):
 def _local_batches(cells: Any, rows: np.ndarray, batch_size: int, rng: np.random.Generator,
                    device: torch.device, ctx: DistributedContext) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
     """This rank's minibatches of one epoch with the weight that makes the reduced gradient exact."""
-    from atlasmap.data.loader import minibatches
+    from atlasmap.data.loader import CellData, minibatches
 
     world = ctx.world_size
-    if hasattr(cells, "iter_batches"):  # streaming: a shard of chunks per rank
+    if not isinstance(cells, CellData):  # streaming: a shard of chunks per rank
         for batch in cells.iter_batches(rows, max(2, batch_size // world), shuffle=True, rng=rng, device=device,
                                         rank=ctx.rank, world_size=world):
             yield batch, 1.0
@@ -244,30 +142,13 @@ def _all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def data_fingerprint(cells: Any) -> str:
-    """A digest of the cells (layout, per-cell totals and covariates) that differs between data versions."""
-    if hasattr(cells, "fingerprint"):
-        return str(cells.fingerprint())
-    counts = cells.counts
-    if isinstance(counts, torch.Tensor):
-        totals = counts.sum(1, dtype=torch.float64).numpy()
-    else:
-        totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
-    h = hashlib.sha1(np.asarray(counts.shape, dtype=np.int64).tobytes())
-    h.update(totals.tobytes())
-    for name in sorted(cells.fields):
-        h.update(name.encode())
-        h.update(cells.fields[name].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def check_same_run(cells: Any, module: nn.Module, config: Any, ctx: DistributedContext) -> None:
     """Fail on every rank, with a clear message, when ranks hold different data, models or settings."""
     import torch.distributed as dist
 
     shapes = hashlib.sha1(repr([(n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters()])
                           .encode()).hexdigest()[:16]
-    mine = {"data": data_fingerprint(cells), "n_cells": int(cells.n_cells), "model": shapes,
+    mine = {"data": cells.fingerprint(), "n_cells": int(cells.n_cells), "model": shapes,
             "settings": repr((config.batch_size, config.seed, config.train_size, config.max_epochs, config.lr))}
     everyone: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine)
@@ -306,7 +187,7 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
         validation_rng,
     )
 
-    ctx = ctx or _CONTEXT
+    ctx = ctx or current_context()
     if ctx is None or not dist.is_initialized():
         raise AtlasmapError("no distributed run is active; call atlasmap.distributed.init_distributed() first.")
     device = ctx.device
@@ -315,12 +196,8 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
     if not params:
         raise AtlasmapError("the model has no trainable parameters; nothing to train.")
     check_same_run(cells, module, config, ctx)
-    make_optimizer = getattr(train_mod, "make_optimizer", None)
-    optimizer = (make_optimizer(params, config, device) if make_optimizer is not None else
-                 torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay))
-    with_frozen_fields = getattr(train_mod, "with_frozen_fields", None)
-    if with_frozen_fields is not None:  # per-cell terms of frozen layers, computed once (query training)
-        cells = with_frozen_fields(module, cells)
+    optimizer = train_mod.make_optimizer(params, config, device)
+    cells = train_mod.with_frozen_fields(module, cells)  # per-cell terms of frozen layers, computed once
     train_idx, val_idx = split_cells(cells.n_cells, config.train_size, config.seed)
     wrapper = _LossModule(module)
     ddp = DistributedDataParallel(
@@ -335,10 +212,8 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
 
     from tqdm.auto import tqdm
 
-    from atlasmap.data.backed import epoch_batches
-
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            train_mod.deterministic_algorithms(config.deterministic, device):
+            deterministic_algorithms(config.deterministic, device):
         torch.manual_seed(config.seed + ctx.rank)  # rank-specific sampling noise and dropout
         bar = tqdm(range(config.max_epochs), desc=f"Training ({ctx.world_size} ranks)", unit="epoch",
                    disable=not show, leave=False, dynamic_ncols=True)
@@ -368,8 +243,8 @@ def train_module_distributed(module: nn.Module, cells: Any, config: Any, history
                 module.eval()
                 val = np.zeros(4)
                 with torch.no_grad(), validation_rng(config, epoch, device):
-                    for batch in epoch_batches(cells, val_idx, 1024, rng=None, device=device, shuffle=False,
-                                               rank=ctx.rank, world_size=ctx.world_size):
+                    for batch in cells.iter_batches(val_idx, 1024, shuffle=False, rng=None, device=device,
+                                                    rank=ctx.rank, world_size=ctx.world_size):
                         val += wrapper(batch, kl_weight, 1.0)[1].cpu().numpy()
                 record.update(_record(_all_reduce(val, device), "validation"))
             record["epoch_seconds"] = time.perf_counter() - t0

@@ -92,7 +92,7 @@ def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> 
         raise InputError(f"{dir_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if target.exists():
         _check_replaceable(target, dir_path)
-    from atlasmap.distributed import is_main_process
+    from atlasmap.runtime import is_main_process
 
     if not is_main_process():  # under torchrun every rank holds the same model; rank 0 writes it
         return target
@@ -248,8 +248,8 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
+    from atlasmap.runtime import resolve_device
     from atlasmap.surgery import add_category_blocks, restore_freezing
-    from atlasmap.train import resolve_device
 
     target_device = resolve_device(str(device))  # before reading: a bad device is the caller's error
     path = Path(dir_path)

@@ -34,7 +34,7 @@ def write_h5ad_atomic(adata: Any, path: str | Path, *, overwrite: bool = False) 
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it.")
-    from atlasmap.distributed import is_main_process
+    from atlasmap.runtime import is_main_process
 
     if not is_main_process():  # under torchrun only rank 0 writes outputs
         return path

@@ -111,7 +111,7 @@ def write_latent(
     InputError
         ``path`` exists (without ``overwrite``) or has another suffix.
     """
-    from atlasmap.distributed import is_main_process
+    from atlasmap.runtime import is_main_process
 
     path = Path(path)
     suffix = path.suffix.lower()

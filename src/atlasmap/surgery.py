@@ -11,8 +11,10 @@ Mapping a query onto a reference:
 3. **Freezing**: everything is ``requires_grad=False`` except the new blocks (and what the options
    release). The optimizer only ever sees trainable tensors, so weight decay cannot move frozen ones,
    and autograd never computes their gradients. Model-specific parts (scANVI's classifier and label
-   stacks) are frozen the same way; a module lists them with ``extra_frozen_modules`` so their
-   batch-norm statistics stay fixed too.
+   stacks) are frozen the same way; a module lists them (``label_parts``, ``classifier_parts`` of
+   :class:`~atlasmap.protocols.SurgeryTarget`) so their batch-norm statistics stay fixed too. The module
+   receives its :class:`~atlasmap.protocols.FrozenState` through ``set_frozen_state``; the same rule
+   (:func:`frozen_state`) serves a new surgery and a saved one restored.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from atlasmap.data.align import new_categories
 from atlasmap.data.registry import check_anndata
 from atlasmap.errors import InputError
+from atlasmap.protocols import FrozenState, SurgeryTarget
 
 if TYPE_CHECKING:
     from atlasmap.models.base import BaseModel
@@ -153,78 +156,57 @@ def add_category_blocks(module: nn.Module, n_new: list[int]) -> list[nn.Paramete
     return new_params
 
 
-def apply_freezing(module: nn.Module, new_params: list[nn.Parameter], opts: SurgeryOptions) -> None:
-    """Set ``requires_grad`` and the frozen norm / dropout modules according to ``opts``."""
-    module.dropout_frozen = opts.freeze_dropout
-    if opts.unfrozen:
-        for p in module.parameters():
-            p.requires_grad_(True)
-        module.frozen_norms = []
-        return
+def apply_freezing(module: SurgeryTarget, new_params: list[nn.Parameter], opts: SurgeryOptions) -> None:
+    """Freeze everything but ``new_params`` and what the options release; hand the module its frozen state."""
+    released = set() if opts.unfrozen else {id(p) for p in new_params} | {id(p) for p in _released(module, opts)}
     for p in module.parameters():
-        p.requires_grad_(False)
-    for p in new_params:
-        p.requires_grad_(True)
-    encoders, decoders = _stacks(module)
-    if not opts.freeze_expression:
-        for stack in encoders:
-            stack.layers[0].linear.requires_grad_(True)
-    if not opts.freeze_decoder_first_layer:
-        for stack in decoders:
-            stack.layers[0].linear.requires_grad_(True)
-    frozen_norms: list[nn.Module] = []
-    for stacks, freeze in ((encoders, opts.freeze_batchnorm_encoder), (decoders, opts.freeze_batchnorm_decoder)):
-        for stack in stacks:
-            for norm in stack.norms:
-                if isinstance(norm, nn.BatchNorm1d):
-                    if freeze:
-                        frozen_norms.append(norm)
-                    else:
-                        norm.requires_grad_(True)
-    module.frozen_norms = frozen_norms + _extra_frozen_norms(module, opts)
-    if not opts.freeze_classifier and hasattr(module, "classifier"):
-        module.classifier.requires_grad_(True)
+        p.requires_grad_(opts.unfrozen or id(p) in released)
+    module.set_frozen_state(frozen_state(module, opts))
 
 
-def _stacks(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """Encoder and decoder stacks the options act on: ``module.surgery_stacks()`` when the module lists
-    them (totalVI has four decoder bodies), else its ``encoder`` / ``l_encoder`` and ``decoder``."""
-    if hasattr(module, "surgery_stacks"):
-        stacks = module.surgery_stacks()
-        return list(stacks["encoder"]), list(stacks["decoder"])
-    encoders = [s for s in (getattr(module, "encoder", None), getattr(module, "l_encoder", None)) if s is not None]
-    decoders = [s for s in (getattr(module, "decoder", None),) if s is not None]
-    return encoders, decoders
-
-
-def _extra_frozen_norms(module: nn.Module, opts: SurgeryOptions) -> list[nn.Module]:
-    """Batch-norm layers of the module's other frozen parts (e.g. scANVI's label stacks), which a module
-    lists with ``extra_frozen_modules(freeze_classifier)``; kept in eval mode so their statistics stay."""
-    extra = getattr(module, "extra_frozen_modules", None)
-    if extra is None:
-        return []
-    return [m for part in extra(opts.freeze_classifier) for m in part.modules() if isinstance(m, nn.BatchNorm1d)]
-
-
-def restore_freezing(module: nn.Module, surgery: dict[str, Any]) -> None:
-    """Re-apply a saved surgery's trainable set and frozen norms to a freshly loaded module."""
+def restore_freezing(module: SurgeryTarget, surgery: dict[str, Any]) -> None:
+    """Re-apply a saved surgery to a freshly loaded module: its trainable set by name, its frozen state from
+    its options (the same rule as :func:`apply_freezing`)."""
     trainable = set(surgery.get("trainable", []))
     names = {name for name, _ in module.named_parameters()}
     if not trainable <= names:
         raise InputError(f"saved trainable parameters {sorted(trainable - names)[:3]} are not in the model.")
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
-    opts = SurgeryOptions(**surgery.get("options", {}))
-    module.dropout_frozen = opts.freeze_dropout
+    module.set_frozen_state(frozen_state(module, SurgeryOptions(**surgery.get("options", {}))))
+
+
+def frozen_state(module: SurgeryTarget, opts: SurgeryOptions) -> FrozenState:
+    """What ``opts`` keep fixed besides ``requires_grad``: frozen batch norms (encoder / decoder as asked, and
+    those of the label parts) held in eval mode, and dropout off with ``freeze_dropout``."""
     if opts.unfrozen:
-        return
-    frozen = []
-    encoders, decoders = _stacks(module)
-    for stacks, freeze in ((encoders, opts.freeze_batchnorm_encoder), (decoders, opts.freeze_batchnorm_decoder)):
-        if freeze:
-            frozen += [n for stack in stacks for n in stack.norms if isinstance(n, nn.BatchNorm1d)]
-    module.frozen_norms = frozen + _extra_frozen_norms(module, opts)
+        return FrozenState(dropout_off=opts.freeze_dropout)
+    stacks = module.surgery_stacks()
+    norms = [norm for part, freeze in (("encoder", opts.freeze_batchnorm_encoder),
+                                       ("decoder", opts.freeze_batchnorm_decoder)) if freeze
+             for stack in stacks[part] for norm in stack.norms if isinstance(norm, nn.BatchNorm1d)]
+    norms += [m for part in module.label_parts(opts.freeze_classifier) for m in part.modules()
+              if isinstance(m, nn.BatchNorm1d)]
+    return FrozenState(norms_in_eval=tuple(norms), dropout_off=opts.freeze_dropout)
 
 
-__all__ = ["SurgeryOptions", "add_category_blocks", "apply_freezing", "load_query_data",
+def _released(module: SurgeryTarget, opts: SurgeryOptions) -> list[nn.Parameter]:
+    """Reference parameters the options let train: first-layer expression weights, unfrozen batch norms,
+    the classifier."""
+    stacks = module.surgery_stacks()
+    params: list[nn.Parameter] = []
+    if not opts.freeze_expression:
+        params += [p for stack in stacks["encoder"] for p in stack.layers[0].linear.parameters()]
+    if not opts.freeze_decoder_first_layer:
+        params += [p for stack in stacks["decoder"] for p in stack.layers[0].linear.parameters()]
+    for part, freeze in (("encoder", opts.freeze_batchnorm_encoder), ("decoder", opts.freeze_batchnorm_decoder)):
+        if not freeze:
+            params += [p for stack in stacks[part] for norm in stack.norms if isinstance(norm, nn.BatchNorm1d)
+                       for p in norm.parameters()]
+    if not opts.freeze_classifier:
+        params += [p for part in module.classifier_parts() for p in part.parameters()]
+    return params
+
+
+__all__ = ["SurgeryOptions", "add_category_blocks", "apply_freezing", "frozen_state", "load_query_data",
            "restore_freezing"]

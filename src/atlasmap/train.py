@@ -1,13 +1,11 @@
 """The training loop: Adam on the trainable tensors only, KL warm-up, train/validation split,
 early stopping, per-epoch history and a progress bar. Works for any module whose
-``loss(batch, kl_weight)`` returns :class:`~atlasmap.models.scvi_module.LossTerms`."""
+``loss(batch, kl_weight)`` returns :class:`~atlasmap.protocols.LossTerms`."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from atlasmap.data.backed import epoch_batches
-from atlasmap.data.loader import CellData, minibatches
+from atlasmap.data.loader import minibatches
 from atlasmap.errors import AtlasmapError, InputError
 from atlasmap.optim import Adam
+from atlasmap.protocols import CellSource, TrainableModule
+from atlasmap.runtime import current_context, deterministic_algorithms, resolve_device
 
 
 @dataclass(frozen=True)
@@ -72,65 +71,6 @@ def default_max_epochs(n_cells: int) -> int:
     return int(min(400, max(1, round(20_000 / max(n_cells, 1) * 400))))
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device for a user's ``device`` argument: ``"auto"`` (the current CUDA device when CUDA is
-    available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (also ``"meta"``, for shape-only checks).
-
-    Raises
-    ------
-    InputError
-        An unknown device, CUDA asked for where there is none, or a GPU index beyond the GPUs present.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"unknown device {device!r} ({err}); use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {str(device)!r} requested but CUDA is not available (PyTorch "
-                             f"{torch.__version__}, {'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}); "
-                             "use device='cpu' or 'auto' (CLI: --device cpu).")
-        n = torch.cuda.device_count()
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= n:
-            raise InputError(f"device {str(device)!r} requested but only {n} GPU(s) are visible (cuda:0 .. cuda:{n - 1}).")
-        return torch.device("cuda", index)
-    if dev.type not in ("cpu", "meta", "mps"):
-        raise InputError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    return dev
-
-
-def describe_device(device: torch.device) -> str:
-    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu (2 threads)"``: what the CLI prints as the device used."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(device)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True)`` for the duration of a training call (restored after), so
-    that on CUDA two runs with the same seed give the same bits (atomic-add reductions, e.g. the backward
-    of the covariate-table lookups, take their deterministic kernels). CPU training is deterministic anyway."""
-    if not enabled:
-        yield
-        return
-    if device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
-        raise InputError("deterministic=True on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the "
-                         "environment before the process starts (cuBLAS reads it when it starts), e.g. "
-                         "`CUBLAS_WORKSPACE_CONFIG=:4096:8 python script.py`.")
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
-
-
 def kl_weight_at(epoch: int, n_epochs_kl_warmup: int | None) -> float:
     if not n_epochs_kl_warmup:
         return 1.0
@@ -156,20 +96,14 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
     return Adam(params, lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay)
 
 
-def with_frozen_fields(module: nn.Module, cells: CellData) -> CellData:
-    """``cells`` plus the per-cell tensors a module can precompute from its frozen parts (e.g. the
-    encoder's first layer after surgery): computed once per ``train`` call, never cached across calls."""
-    frozen_fields = getattr(module, "frozen_fields", None)
-    extra = frozen_fields(cells) if frozen_fields is not None else {}
-    if not extra:
-        return cells
-    out = copy.copy(cells)  # CellData or a duck-typed cell source (backed files)
-    out.fields = {**cells.fields, **extra}
-    return out
+def with_frozen_fields(module: TrainableModule, cells: CellSource) -> CellSource:
+    """``cells`` plus the per-cell tensors the module precomputes from its frozen parts (e.g. the encoder's
+    first layer after surgery): computed once per ``train`` call, never cached across calls."""
+    return cells.with_fields(module.precompute(cells))
 
 
 
-def fused_step(module: nn.Module, cells: CellData) -> Any:
+def fused_step(module: nn.Module, cells: CellSource) -> Any:
     """A module's hand-written training step for its current frozen state (``module.fused_step``, e.g. scVI
     after surgery), or ``None``: autograd then computes the gradients."""
     build = getattr(module, "fused_step", None)
@@ -198,7 +132,7 @@ class EpochLog:
             self.since_best += 1
         return self.config.early_stopping and self.since_best >= self.config.early_stopping_patience
 
-def train_module(module: nn.Module, cells: CellData, config: TrainConfig, history: dict[str, list] | None = None
+def train_module(module: nn.Module, cells: CellSource, config: TrainConfig, history: dict[str, list] | None = None
                  ) -> dict[str, list]:
     """Train ``module`` on ``cells``; append per-epoch records to ``history`` and return it.
 
@@ -206,13 +140,14 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
     touch frozen tensors. Under ``torchrun`` (an active :mod:`atlasmap.distributed` context with several
     ranks) the same training runs data-parallel. ``cells`` may be a streaming source (backed file).
     """
-    from atlasmap.distributed import current_context
-
     ctx = current_context()
     if ctx is not None and ctx.world_size > 1:
         from atlasmap.distributed import train_module_distributed
 
         return train_module_distributed(module, cells, config, history, ctx)
+    if not isinstance(cells, CellSource) or not isinstance(module, TrainableModule):
+        raise TypeError(f"train_module needs a CellSource and a TrainableModule (atlasmap.protocols), got "
+                        f"{type(cells).__name__} and {type(module).__name__}.")
     device = resolve_device(config.device)
     module.to(device)
     params = trainable_parameters(module)
@@ -250,7 +185,7 @@ def train_module(module: nn.Module, cells: CellData, config: TrainConfig, histor
             kl_weight = kl_weight_at(epoch, config.n_epochs_kl_warmup)
             module.train()
             totals = np.zeros(3)
-            for batch in epoch_batches(cells, train_idx, config.batch_size, rng, device):
+            for batch in cells.iter_batches(train_idx, config.batch_size, shuffle=True, rng=rng, device=device):
                 if step is None:
                     terms = module.loss(batch, kl_weight)
                     optimizer.zero_grad(set_to_none=True)
@@ -308,7 +243,7 @@ def _record(totals: np.ndarray, n: int, split: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_loss(module: nn.Module, cells: CellData, rows: np.ndarray, kl_weight: float,
+def evaluate_loss(module: nn.Module, cells: CellSource, rows: np.ndarray, kl_weight: float,
                   device: torch.device, batch_size: int = 1024) -> np.ndarray:
     """Summed (loss, reconstruction, KL) of ``rows`` in eval mode."""
     module.eval()

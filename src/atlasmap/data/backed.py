@@ -14,20 +14,20 @@ chunks in order. Every chunk is validated once (counts, NaN, ...) by the same co
 :mod:`atlasmap.data.align`.
 
 :class:`BackedCells` duck-types :class:`~atlasmap.data.loader.CellData` (``n_cells``, ``fields``,
-``batch(rows)``) and adds :meth:`BackedCells.iter_batches`, the iteration protocol the training loop uses
-for sources that cannot afford random row access (see :func:`epoch_batches`).
+``batch(rows)``) and adds :meth:`BackedCells.iter_batches`: both implement
+:class:`~atlasmap.protocols.CellSource`, which the training loop iterates.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,85 +43,26 @@ from atlasmap.data.align import (
     encode_categories,
     reorder_genes,
 )
-from atlasmap.data.loader import Batch, log_factorial_rows, log_library_sizes, minibatches
+from atlasmap.data.loader import Batch, log_factorial_rows, log_library_sizes, minibatches, shard
 from atlasmap.data.registry import Registry, check_anndata, check_library_sizes, validate_counts
 from atlasmap.errors import AtlasmapError, InputError
+from atlasmap.runtime import (
+    BackedOptions,
+    backed_options,
+    get_backed_options,
+    release_large_allocations,
+    set_backed_options,
+)
 
 __all__ = [
     "BackedCells", "BackedOptions", "CSRFile", "CSRWriter", "DataChangedError", "backed_options",
-    "convert_to_csr", "epoch_batches", "get_backed_options", "is_backed", "prepare_backed_cells",
+    "convert_to_csr", "get_backed_options", "is_backed", "prepare_backed_cells",
     "read_backed", "scan_backed_counts", "set_backed_options",
 ]
 
 
 class DataChangedError(AtlasmapError):
     """An on-disk input disappeared, was truncated or was rewritten while atlasmap was reading it."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BackedOptions:
-    """How backed data is streamed.
-
-    Attributes
-    ----------
-    chunk_size
-        Rows per read (one contiguous read of ``data``/``indices`` each).
-    shuffle_chunks
-        Chunks whose rows are mixed in the shuffle buffer during training. Peak memory for counts is about
-        ``chunk_size * shuffle_chunks * (nonzeros per cell) * 8`` bytes (plus one prefetched chunk).
-    prefetch
-        Read the next chunk in a background thread while the model trains on the current buffer.
-    release_memory
-        On glibc (Linux), serve allocations above 4 MB with ``mmap`` so that large temporaries go back to
-        the operating system when freed. Without it, glibc's heap fragments over a long streaming run and
-        the resident memory creeps up by several KB per cell. Process-wide; off: ``release_memory=False``.
-    """
-
-    chunk_size: int = 8192
-    shuffle_chunks: int = 4
-    prefetch: bool = True
-    release_memory: bool = True
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 2:
-            raise InputError(f"chunk_size must be at least 2 cells, got {self.chunk_size}.")
-        if self.shuffle_chunks < 1:
-            raise InputError(f"shuffle_chunks must be at least 1, got {self.shuffle_chunks}.")
-
-
-_OPTIONS = BackedOptions()
-
-
-def get_backed_options() -> BackedOptions:
-    """The options new :class:`BackedCells` use."""
-    return _OPTIONS
-
-
-def set_backed_options(**kwargs: Any) -> BackedOptions:
-    """Change the streaming options (``chunk_size``, ``shuffle_chunks``, ``prefetch``) for later reads."""
-    global _OPTIONS
-    unknown = set(kwargs) - set(BackedOptions.__dataclass_fields__)
-    if unknown:
-        raise InputError(f"unknown backed option(s) {', '.join(sorted(unknown))}; valid: "
-                         f"{', '.join(BackedOptions.__dataclass_fields__)}.")
-    _OPTIONS = replace(_OPTIONS, **{k: v for k, v in kwargs.items() if v is not None})
-    return _OPTIONS
-
-
-@contextlib.contextmanager
-def backed_options(**kwargs: Any) -> Iterator[BackedOptions]:
-    """Temporarily change the streaming options: ``with backed_options(chunk_size=16384): model.train()``."""
-    global _OPTIONS
-    saved = _OPTIONS
-    try:
-        yield set_backed_options(**kwargs)
-    finally:
-        _OPTIONS = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +318,7 @@ def _scan(adata: Any, layer: str | None, *, alignment: GeneAlignment | None, chu
 
 def _scan_file(adata: Any, layer: str | None, *, alignment: GeneAlignment | None, chunk_size: int | None
                ) -> dict[str, np.ndarray]:
-    chunk_size = chunk_size or _OPTIONS.chunk_size
+    chunk_size = chunk_size or get_backed_options().chunk_size
     with _open_counts(adata, layer) as source:
         n = source.shape[0]
         out = {"library": np.empty(n, dtype=np.float32), "log_x_fact": np.empty(n, dtype=np.float32)}
@@ -427,7 +368,7 @@ class BackedCells:
         self.alignment = alignment
         self.fields = fields
         self.library = library
-        self.options = options or _OPTIONS
+        self.options = options or get_backed_options()
 
     @property
     def n_cells(self) -> int:
@@ -446,6 +387,22 @@ class BackedCells:
             h.update(self.fields[name].numpy().tobytes())
         h.update(self.library.tobytes())
         return h.hexdigest()[:16]
+
+    def with_fields(self, extra: dict[str, torch.Tensor]) -> BackedCells:
+        """The same on-disk cells (same open file) with ``extra`` per-cell fields added."""
+        if not extra:
+            return self
+        out = copy.copy(self)
+        out.fields = {**self.fields, **extra}
+        return out
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts of each cell over the model's genes (computed while validating the file)."""
+        return self.library
+
+    def csr_arrays(self) -> None:
+        """Counts on disk are not held in memory: ``None`` (see :class:`~atlasmap.protocols.CellSource`)."""
+        return None
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Counts of rows ``start:stop`` in the model's gene order (float32 CSR, canonical)."""
@@ -530,7 +487,7 @@ class BackedCells:
             local_rng = np.random.default_rng([int(rng.integers(2**62)), rank])
         else:
             local_rng = None
-        chunks = chunks[rank::world_size]
+        chunks = shard(chunks, rank, world_size)
         group = self.options.shuffle_chunks if shuffle else 1
         groups = [chunks[i:i + group] for i in range(0, len(chunks), group)]
         batches = self._generate(groups, batch_size, local_rng, device)
@@ -586,27 +543,6 @@ class BackedCells:
 
     def close(self) -> None:
         self.source.close()
-
-
-_MMAP_THRESHOLD = 4 * 1024**2
-_released = False
-
-
-def release_large_allocations() -> bool:
-    """On glibc, serve allocations above 4 MB with ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so big
-    temporaries are returned to the OS when freed instead of fragmenting the heap. Returns whether it was
-    applied (once per process; a no-op elsewhere)."""
-    global _released
-    if _released:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        _released = bool(libc.mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-    return _released
 
 
 def _concat_pieces(pieces: list[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]
@@ -668,7 +604,7 @@ def prepare_backed_cells(
     check_anndata(adata)
     kwargs = {} if min_gene_overlap is None else {"min_overlap": min_gene_overlap}
     alignment = align_genes(adata.var_names, registry.var_names, **kwargs)
-    options = options or _OPTIONS
+    options = options or get_backed_options()
     if options.release_memory:
         release_large_allocations()
     per_cell = _scan(adata, registry.layer, alignment=alignment, chunk_size=options.chunk_size)
@@ -680,36 +616,6 @@ def prepare_backed_cells(
     }
     return BackedCells(_open_counts(adata, registry.layer), alignment, fields, per_cell["library"], options,
                        canonical=bool(per_cell["canonical"]))
-
-
-def epoch_batches(
-    cells: Any,
-    rows: np.ndarray,
-    batch_size: int,
-    rng: np.random.Generator,
-    device: torch.device | str = "cpu",
-    *,
-    shuffle: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[Batch]:
-    """One epoch of minibatches of ``rows`` from any cell source: the protocol of the training loops.
-
-    A source with an ``iter_batches`` method (:class:`BackedCells`) streams; an in-memory ``CellData`` is
-    cut with :func:`~atlasmap.data.loader.minibatches`, drawing from ``rng`` exactly as the single-process
-    loop does. With ``world_size > 1``, in-memory data is split per *global* minibatch: rank ``r`` gets
-    rows ``r::world_size`` of each batch of ``batch_size`` cells, so the ranks together take the same
-    gradient step as one process would (every rank sees the same number of steps).
-    """
-    if hasattr(cells, "iter_batches"):
-        local = batch_size if world_size == 1 else max(2, batch_size // world_size)
-        yield from cells.iter_batches(rows, local, shuffle=shuffle, rng=rng, device=device, rank=rank,
-                                      world_size=world_size)
-        return
-    for part in minibatches(rows.size, batch_size, shuffle=shuffle, generator=rng):
-        mine = part[rank::world_size] if world_size > 1 else part
-        if mine.size:
-            yield cells.batch(rows[mine], device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ is a single ``index_select`` (:func:`use_dense`). No AnnData is touched inside t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -75,15 +76,56 @@ class CellData:
             return torch.from_numpy(gather_csr_rows(self.counts, rows))
         return kernel.gather_rows(*self.csr_arrays(), self.counts.shape[1], rows)
 
-    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(indptr int64, indices int32, data float32)`` of CSR counts, as the compiled kernels read them
-        (converted once, shared otherwise)."""
+        (converted once, shared otherwise); ``None`` when the counts are held densely."""
+        if isinstance(self.counts, torch.Tensor):
+            return None
         if self._csr_arrays is None:
             csr = self.counts
             self._csr_arrays = (np.ascontiguousarray(csr.indptr, dtype=np.int64),
                                 np.ascontiguousarray(csr.indices, dtype=np.int32),
                                 np.ascontiguousarray(csr.data, dtype=np.float32))
         return self._csr_arrays
+
+    def iter_batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool, rng: np.random.Generator | None,
+                     device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """One epoch of minibatches of ``rows``, drawn from ``rng`` (the same draws on every rank). With
+        ``world_size > 1`` each *global* minibatch of ``batch_size`` cells is split by :func:`shard`, so the
+        ranks together take the step one process takes (every rank sees the same number of steps)."""
+        for part in minibatches(len(rows), batch_size, shuffle=shuffle, generator=rng):
+            mine = shard(part, rank, world_size)
+            if mine.size:
+                yield self.batch(rows[mine], device)
+
+    def iter_ordered(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[slice, Batch]]:
+        """``(rows, batch)`` over all cells in order (read-only views of contiguous rows)."""
+        for lo in range(0, self.n_cells, max(batch_size, 1)):
+            hi = min(lo + batch_size, self.n_cells)
+            yield slice(lo, hi), self.batch(np.arange(lo, hi), device)
+
+    def with_fields(self, extra: dict[str, torch.Tensor]) -> CellData:
+        """The same cells (counts shared, not copied) with ``extra`` per-cell fields added."""
+        return self if not extra else CellData(self.counts, {**self.fields, **extra}, self._csr_arrays)
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts of each cell (over the model's genes)."""
+        x = self.counts
+        return x.sum(1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x.sum(1)).ravel()
+
+    def fingerprint(self) -> str:
+        """A digest of the cells (layout, per-cell totals, per-cell fields) that differs between data versions."""
+        counts = self.counts
+        if isinstance(counts, torch.Tensor):
+            totals = counts.sum(1, dtype=torch.float64).numpy()
+        else:
+            totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
+        h = hashlib.sha1(np.asarray(counts.shape, dtype=np.int64).tobytes())
+        h.update(totals.tobytes())
+        for name in sorted(self.fields):
+            h.update(name.encode())
+            h.update(self.fields[name].detach().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def subset(self, rows: np.ndarray) -> CellData:
         rows = np.asarray(rows)
@@ -220,6 +262,13 @@ def use_dense(csr: sp.csr_matrix, dense_budget_bytes: int = DENSE_BUDGET_BYTES) 
     if dense_bytes > dense_budget_bytes:
         return False
     return not kernel.available() or dense_bytes <= csr.nnz * 8 + csr.shape[0] * 8
+
+
+def shard(items: Any, rank: int, world_size: int) -> Any:
+    """Rank ``rank``'s share of ``items`` (an array or a list): every ``world_size``-th item from its rank.
+    The one rule of distributed work division: rows of a global minibatch in memory, chunks of a file when
+    streaming (:meth:`atlasmap.data.backed.BackedCells.iter_batches`)."""
+    return items if world_size == 1 else items[rank::world_size]
 
 
 def minibatches(

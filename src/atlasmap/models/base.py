@@ -257,7 +257,7 @@ class BaseModel:
     def to_device(self, device: str | torch.device) -> BaseModel:
         """Move the model's weights to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``); returns the
         model. ``train`` moves the model to its ``device`` argument too, and the model stays there."""
-        from atlasmap.train import resolve_device
+        from atlasmap.runtime import resolve_device
 
         self.module.to(resolve_device(str(device)))
         return self

@@ -31,12 +31,12 @@ from atlasmap.models.scvi_module import (
     LGAMMA_THETA,
     LOG_LIBRARY,
     LOG_X_FACT,
-    LossTerms,
     SCVIModule,
     log_counts,
 )
 from atlasmap.nn import kernel
 from atlasmap.nn.layers import FCStack, dropout_uniforms
+from atlasmap.protocols import LossTerms
 
 
 def _address_array(ctype: type, values: list) -> ctypes.Array:

@@ -33,7 +33,6 @@ from torch import nn
 
 from atlasmap.models.scvi_module import (
     _VAR_EPS,
-    LossTerms,
     SCVIConfig,
     SCVIModule,
     _norm_flags,
@@ -41,6 +40,7 @@ from atlasmap.models.scvi_module import (
     kl_normal_standard,
 )
 from atlasmap.nn.layers import FCStack
+from atlasmap.protocols import LossTerms
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -105,13 +105,17 @@ class SCANVIModule(SCVIModule):
         self.register_buffer("y_prior", torch.full((cfg.n_labels,), 1.0 / cfg.n_labels))
 
     # ------------------------------------------------------------------ structure for surgery
-    def extra_frozen_modules(self, freeze_classifier: bool) -> list[nn.Module]:
+    def label_parts(self, freeze_classifier: bool) -> list[nn.Module]:
         """Label stacks that keep their reference state during query training (batch-norm statistics
         included): the ``z2`` encoder and ``z1`` decoder always, the classifier when it is frozen."""
         modules: list[nn.Module] = [self.encoder_z2_z1, self.decoder_z1_z2]
         if freeze_classifier:
             modules.append(self.classifier)
         return modules
+
+    def classifier_parts(self) -> list[nn.Module]:
+        """The classifier q(y | z1): what ``freeze_classifier=False`` lets train."""
+        return [self.classifier]
 
     # ------------------------------------------------------------------ model
     def classify(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

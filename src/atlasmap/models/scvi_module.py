@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlasmap.models.module_base import CVAEModule
 from atlasmap.nn import kernel
 from atlasmap.nn.layers import CovariateTable, FCStack, standard_normal
 from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll, nb_nll_logits
+from atlasmap.protocols import LossTerms
 
 NormWhere = Literal["none", "encoder", "decoder", "both"]
 _VAR_EPS = 1e-4
-#: Optional per-cell batch fields: see :meth:`SCVIModule.frozen_fields` and :func:`atlasmap.data.loader.prepare_cells`.
+#: Optional per-cell batch fields: see :meth:`SCVIModule.precompute` and :func:`atlasmap.data.loader.prepare_cells`.
 ENCODER_FIRST = "encoder_first"
 LGAMMA_THETA = "lgamma_theta"
 LOG_X_FACT = "log_x_fact"
@@ -82,32 +84,13 @@ def log_counts(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     return torch.add(x, 1.0, out=out).log_()
 
 
-def hold_frozen_in_eval(module: nn.Module) -> None:
-    """After ``module.train()``: keep the norm layers and dropout that surgery froze in eval mode."""
-    for m in module.frozen_norms:
-        m.eval()
-    if module.dropout_frozen:
-        for m in module.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-
 def _csr_on_cpu(cells: Any, theta: torch.Tensor) -> bool:
     """Whether ``cells`` hold in-memory CSR counts the compiled kernels can read, with ``theta`` on CPU."""
     return (hasattr(cells, "csr_arrays") and sp.issparse(getattr(cells, "counts", None)) and kernel.available()
             and theta.device.type == "cpu" and theta.dtype == torch.float32)
 
 
-@dataclass
-class LossTerms:
-    """Loss of one minibatch: the scalar to minimise and per-cell terms for the history."""
-
-    loss: torch.Tensor
-    reconstruction: torch.Tensor
-    kl: torch.Tensor
-    extra: dict[str, torch.Tensor] | None = None
-
-
-class SCVIModule(nn.Module):
+class SCVIModule(CVAEModule):
     """scVI as a torch module. Batch = dict with ``x`` (counts), ``cat`` (codes), ``cont``."""
 
     def __init__(self, config: SCVIConfig) -> None:
@@ -148,36 +131,27 @@ class SCVIModule(nn.Module):
             self.px_r_batch = CovariateTable(cats[0], cfg.n_genes, init_bound=None)
         else:
             raise ValueError(f"unknown dispersion {cfg.dispersion!r}")
-        # set by surgery: norm layers kept in eval mode, dropout off during training
-        self.frozen_norms: list[nn.Module] = []
-        self.dropout_frozen = False
 
     # ------------------------------------------------------------------ structure for surgery
     def covariate_tables(self, covariate: int) -> list[CovariateTable]:
         """Every table of categorical covariate ``covariate`` (encoder, decoder, dispersion)."""
-        tables = [layer.covariates[covariate] for stack in self._stacks() for layer in stack.layers
-                  if len(layer.covariates) > covariate]
-        if covariate == 0 and hasattr(self, "px_r_batch"):
+        stacks = self.surgery_stacks()
+        tables = [layer.covariates[covariate] for stack in stacks["encoder"] + stacks["decoder"]
+                  for layer in stack.layers if len(layer.covariates) > covariate]
+        if covariate == 0 and self.config.dispersion == "gene-batch":
             tables.append(self.px_r_batch)
         return tables
 
-    def _stacks(self) -> list[FCStack]:
-        stacks = [self.encoder, self.decoder]
-        if hasattr(self, "l_encoder"):
-            stacks.insert(1, self.l_encoder)
-        return stacks
+    def surgery_stacks(self) -> dict[str, list[FCStack]]:
+        """The encoder stacks (``z`` and, with a learned library size, ``l``) and the decoder."""
+        encoders = [self.encoder] if self.config.use_observed_lib_size else [self.encoder, self.l_encoder]
+        return {"encoder": encoders, "decoder": [self.decoder]}
 
     def extend_batch_buffers(self, log_means: torch.Tensor, log_vars: torch.Tensor) -> None:
         """Append library priors of new batches (``use_observed_lib_size=False`` only)."""
-        if hasattr(self, "library_log_means"):
+        if not self.config.use_observed_lib_size:
             self.library_log_means = torch.cat([self.library_log_means, log_means.to(self.library_log_means)])
             self.library_log_vars = torch.cat([self.library_log_vars, log_vars.to(self.library_log_vars)])
-
-    def train(self, mode: bool = True) -> SCVIModule:
-        super().train(mode)
-        if mode:
-            hold_frozen_in_eval(self)
-        return self
 
     # ------------------------------------------------------------------ model
     def inference(self, batch: dict[str, torch.Tensor], *, sample: bool = True) -> dict[str, torch.Tensor]:
@@ -242,7 +216,7 @@ class SCVIModule(nn.Module):
                       lgamma_theta_term=batch.get(LGAMMA_THETA))
 
     @torch.no_grad()
-    def frozen_fields(self, cells: Any, batch_size: int = 4096) -> dict[str, torch.Tensor]:
+    def precompute(self, cells: Any, batch_size: int = 4096) -> dict[str, torch.Tensor]:
         """Per-cell tensors that stay constant while training this module as it is frozen now: the
         encoder's first-layer expression term ``W_x log1p(x) + b`` (the largest matmul of a step: one
         ``H``-vector per cell instead of ``G`` genes) and, with a frozen per-gene dispersion, the NB term

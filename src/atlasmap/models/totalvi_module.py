@@ -26,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlasmap.models.module_base import CVAEModule
 from atlasmap.models.scvi_module import (
-    LossTerms,
     NormWhere,
     SCVIConfig,
     _norm_flags,
-    hold_frozen_in_eval,
     kl_normal_standard,
 )
 from atlasmap.nn.layers import CovariateTable, FCStack, InjectedLinear, standard_normal
 from atlasmap.nn.likelihoods import nb_nll
+from atlasmap.protocols import LossTerms
 
 _VAR_EPS = 1e-4
 #: Weight of scvi-tools' prior nudging each protein towards background (``-1e-3 log sigmoid(pi)``).
@@ -100,7 +100,7 @@ def log_nb_mixture(
     return torch.logaddexp(log_nb_1 - F.softplus(-pi_logits), log_nb_2 - F.softplus(pi_logits))
 
 
-class TOTALVIModule(nn.Module):
+class TOTALVIModule(CVAEModule):
     """totalVI as a torch module.
 
     A batch is a dict with ``x`` (RNA counts), ``y`` (protein counts), ``y_mask`` (bool, measured),
@@ -164,9 +164,6 @@ class TOTALVIModule(nn.Module):
             self.prior_back_log_scale.blocks[0].zero_()
         # encoder input of unmeasured proteins (the reference average, set by the model)
         self.register_buffer("protein_fill", torch.zeros(cfg.n_proteins))
-        # set by surgery: norm layers kept in eval mode, dropout off during training
-        self.frozen_norms: list[nn.Module] = []
-        self.dropout_frozen = False
 
     # ------------------------------------------------------------------ structure for surgery
     def covariate_tables(self, covariate: int) -> list[CovariateTable]:
@@ -182,7 +179,10 @@ class TOTALVIModule(nn.Module):
     def batch_tables(self) -> list[CovariateTable]:
         """The per-batch parameter tables that are not layer weights (priors, dispersions)."""
         tables = [self.prior_back_mean, self.prior_back_log_scale]
-        tables += [t for t in (getattr(self, "px_r_batch", None), getattr(self, "py_r_batch", None)) if t is not None]
+        if self.config.gene_dispersion == "gene-batch":
+            tables.append(self.px_r_batch)
+        if self.config.protein_dispersion == "protein-batch":
+            tables.append(self.py_r_batch)
         return tables
 
     def surgery_stacks(self) -> dict[str, list[FCStack]]:
@@ -193,12 +193,6 @@ class TOTALVIModule(nn.Module):
     def _heads(self) -> list[InjectedLinear]:
         heads = [self.px_scale, self.px_dropout, self.back_mean, self.back_scale, self.fore_scale, self.mixing]
         return [h for h in heads if h is not None]
-
-    def train(self, mode: bool = True) -> TOTALVIModule:
-        super().train(mode)
-        if mode:
-            hold_frozen_in_eval(self)
-        return self
 
     # ------------------------------------------------------------------ model
     def encoder_input(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
