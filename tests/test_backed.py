@@ -29,7 +29,7 @@ from atlasmap.data.loader import prepare_cells
 from atlasmap.data.registry import build_registry
 from atlasmap.datasets import simulate_counts, write_simulated_h5ad
 from atlasmap.errors import InputError
-from atlasmap.streaming import map_query_backed, write_latent
+from atlasmap.workflow.streaming import map_query_backed, write_latent
 
 CHUNK = 50  # small chunks so a few hundred cells span many of them
 
@@ -309,7 +309,7 @@ def test_write_latent_outputs(tmp_path: Path, files: dict[str, Path], reference:
 
 def test_interrupted_latent_write_leaves_no_output(tmp_path: Path, files: dict[str, Path],
                                                    reference: atlasmap.SCVI, monkeypatch: pytest.MonkeyPatch) -> None:
-    import atlasmap.streaming as streaming
+    import atlasmap.workflow.streaming as streaming
 
     query = atlasmap.SCVI.load_query_data(read_backed(files["query"]), reference).train(1, progress_bar=False)
     out = tmp_path / "mapped.h5ad"
@@ -349,7 +349,7 @@ def test_cli_map_backed(tmp_path: Path, files: dict[str, Path], reference: atlas
 
 def test_cli_reference_backed_and_joint_embedding_guard(tmp_path: Path, files: dict[str, Path]) -> None:
     from atlasmap.cli import main
-    from atlasmap.mapping import joint_embedding
+    from atlasmap.workflow.mapping import joint_embedding
 
     assert main(["reference", str(files["ref"]), "--batch-key", "batch", "-o", str(tmp_path / "m"), "--backed",
                  "--epochs", "2", "--quiet", "--n-hidden", "16", "--chunk-size", "64"]) == 0

@@ -24,7 +24,7 @@ def _fast_layout(adata: ad.AnnData, *, use_rep: str = "X_atlasmap", **_: object)
 @pytest.fixture(scope="module", autouse=True)
 def no_umap_compilation() -> object:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("atlasmap.plots.compute_umap", _fast_layout)
+        mp.setattr("atlasmap.workflow.plots.compute_umap", _fast_layout)
         yield
 
 

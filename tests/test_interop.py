@@ -1,4 +1,4 @@
-"""Importing scvi-tools references (``atlasmap.interop``): exact latents, query mapping, safe reading.
+"""Importing scvi-tools references (``atlasmap.io.scvi_tools``): exact latents, query mapping, safe reading.
 
 The fixture ``tests/fixtures/scvi_tools_1.4.2_small`` was written by scvi-tools 1.4.2
 (``tests/fixtures/make_scvi_tools_fixture.py``); scvi-tools itself is not needed here. The one test that
@@ -22,7 +22,9 @@ import torch
 import atlasmap
 from atlasmap.cli import main as cli_main
 from atlasmap.errors import ModelFileError
-from atlasmap.interop import _Inert, from_scvi_tools, read_scvi_tools_checkpoint, split_injected_weight
+from atlasmap.io.scvi_tools.reader import _Inert, read_scvi_tools_checkpoint
+from atlasmap.io.scvi_tools.weights import split_injected_weight
+from atlasmap.models import from_scvi_tools
 from atlasmap.models.base import BaseModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,7 +169,7 @@ def test_cli_import_scvi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 # ------------------------------------------------------------------------------------------ safety
 def test_reading_runs_no_pandas_and_leaks_no_allow_list() -> None:
-    from atlasmap.interop import _safe_globals
+    from atlasmap.io.scvi_tools.reader import _safe_globals
 
     def key(entry: object) -> str:
         obj, name = entry if isinstance(entry, tuple) else (entry, None)

@@ -19,7 +19,7 @@ from support import SMALL, parameters, train_query
 
 import atlasmap
 from atlasmap.errors import InputError, ModelFileError
-from atlasmap.io import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
+from atlasmap.io.format import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
 
 
 def _assert_same_outputs(a: Any, b: Any, adata: Any, transform_batch: str) -> None:

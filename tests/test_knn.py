@@ -14,8 +14,8 @@ from support import assert_unchanged, snapshot
 
 import atlasmap
 from atlasmap.errors import InputError
-from atlasmap.knn import KNNLabelTransfer, neighbour_weights, transfer_labels, vote
-from atlasmap.mapping import joint_embedding, knn_transfer
+from atlasmap.workflow.knn import KNNLabelTransfer, neighbour_weights, transfer_labels, vote
+from atlasmap.workflow.mapping import joint_embedding, knn_transfer
 
 CENTERS = {"A": (0.0, 0.0), "B": (10.0, 0.0), "C": (5.0, 8.66)}
 

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from support import assert_unchanged, snapshot
 
 from atlasmap.errors import InputError
-from atlasmap.metrics import (
+from atlasmap.workflow.metrics import (
     BATCH_METRICS,
     BIO_METRICS,
     SLOW_METRICS,
@@ -121,7 +121,7 @@ def test_full_metric_set_reproduces_benchmarker_defaults(mapped: ad.AnnData) -> 
 
 
 def test_metric_presets() -> None:
-    from atlasmap.metrics import _metric_set
+    from atlasmap.workflow.metrics import _metric_set
 
     assert _metric_set("full") == [*BIO_METRICS, *BATCH_METRICS]
     assert not set(SLOW_METRICS) & set(_metric_set("fast"))
@@ -191,7 +191,7 @@ def test_predicted_key_detection_and_unlabelled_query(mapped: ad.AnnData) -> Non
 
 # ------------------------------------------------------------------------------------------ outputs
 def test_tidy_table_and_files(mapped: ad.AnnData, fast_table: pd.DataFrame, tmp_path: Path) -> None:
-    from atlasmap.metrics import format_table, write_tables
+    from atlasmap.workflow.metrics import format_table, write_tables
 
     assert list(fast_table.columns) == ["metric", "value", "group"]
     assert fast_table["value"].dtype == float
@@ -253,7 +253,7 @@ def test_missing_scib_metrics_is_a_clear_error(mapped: ad.AnnData, monkeypatch: 
 
 
 def test_jax_is_imported_lazily() -> None:
-    code = ("import sys, atlasmap, atlasmap.metrics, atlasmap.knn, atlasmap.plots, atlasmap.report, atlasmap.cli; "
-            "assert atlasmap.evaluate is atlasmap.metrics.evaluate; "
+    code = ("import sys, atlasmap, atlasmap.workflow.metrics, atlasmap.workflow.knn, atlasmap.workflow.plots, atlasmap.workflow.report, atlasmap.cli; "
+            "assert atlasmap.evaluate is atlasmap.workflow.metrics.evaluate; "
             "bad = [m for m in ('jax', 'scib_metrics') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

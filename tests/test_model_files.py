@@ -37,7 +37,7 @@ from support import simulate, split_by_batch, train_reference
 
 import atlasmap
 from atlasmap.errors import AtlasmapError, ModelFileError
-from atlasmap.io import CONFIG_FILE, WEIGHTS_FILE
+from atlasmap.io.format import CONFIG_FILE, WEIGHTS_FILE
 
 COUNTS: Counter[str] = Counter()
 FUZZ = settings(max_examples=int(os.environ.get("ATLASMAP_MODEL_FUZZ_EXAMPLES", "60")), deadline=None,

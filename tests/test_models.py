@@ -159,7 +159,7 @@ def test_validation_every_n_epochs(ref_adata: Any, tmp_path: Any) -> None:
     assert sparse.history["elbo_train"] == dense.history["elbo_train"]
     sparse.save(tmp_path / "m")
     assert atlasmap.SCVI.load(tmp_path / "m").history["elbo_validation"] == sparse.history["elbo_validation"]
-    from atlasmap.plots import plot_training_curves
+    from atlasmap.workflow.plots import plot_training_curves
 
     plot_training_curves({"reference": sparse.history}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from support import assert_unchanged, snapshot
 
-from atlasmap.plots import (
+from atlasmap.workflow.plots import (
     UNKNOWN_COLOR,
     compute_umap,
     label_palette,
@@ -18,7 +18,7 @@ from atlasmap.plots import (
     plot_mapping_umap,
     plot_training_curves,
 )
-from atlasmap.report import load_histories, store_histories, write_report
+from atlasmap.workflow.report import load_histories, store_histories, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -355,7 +355,7 @@ def test_rna_only_query_imputes_every_protein(mapped: dict[str, Any]) -> None:
 
 
 def test_joint_embedding_carries_protein_outputs(mapped: dict[str, Any]) -> None:
-    from atlasmap.mapping import joint_embedding
+    from atlasmap.workflow.mapping import joint_embedding
 
     joint = joint_embedding(mapped["model"], mapped["query"], mapped["ref"])
     assert joint.n_obs == mapped["query"].n_obs + mapped["ref"].n_obs

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from atlasmap._version import __version__
 from atlasmap.errors import AtlasmapError, InputError, ModelFileError, NotTrainedError
 
-__version__ = "0.1.0"
-
 __all__ = ["SCANVI", "SCVI", "TOTALVI", "AtlasmapError", "InputError", "ModelFileError", "NotTrainedError", "__version__",
-           "datasets", "evaluate", "load", "transfer_labels"]
+           "KNNLabelTransfer", "datasets", "evaluate", "load", "map_query", "transfer_labels"]
 
 _LAZY = {
-    "SCVI": ("atlasmap.models.scvi", "SCVI"),
-    "SCANVI": ("atlasmap.models.scanvi", "SCANVI"),
-    "TOTALVI": ("atlasmap.models.totalvi", "TOTALVI"),
-    "evaluate": ("atlasmap.metrics", "evaluate"),
-    "map_query": ("atlasmap.mapping", "map_query"),
+    "SCVI": ("atlasmap.models", "SCVI"),
+    "SCANVI": ("atlasmap.models", "SCANVI"),
+    "TOTALVI": ("atlasmap.models", "TOTALVI"),
+    "load": ("atlasmap.models", "load_model"),
+    "evaluate": ("atlasmap.workflow.metrics", "evaluate"),
+    "map_query": ("atlasmap.workflow.mapping", "map_query"),
     "datasets": ("atlasmap.datasets", None),
-    "KNNLabelTransfer": ("atlasmap.knn", "KNNLabelTransfer"),
-    "transfer_labels": ("atlasmap.knn", "transfer_labels"),
+    "KNNLabelTransfer": ("atlasmap.workflow.knn", "KNNLabelTransfer"),
+    "transfer_labels": ("atlasmap.workflow.knn", "transfer_labels"),
 }
 
 
@@ -38,11 +38,3 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(module_name)
         return module if attr is None else getattr(module, attr)
     raise AttributeError(f"module 'atlasmap' has no attribute {name!r}")
-
-
-def load(dir_path: Any, adata: Any = None, *, device: str = "cpu") -> Any:
-    """Load any saved atlasmap model (its class is read from the directory) onto ``device`` (default the CPU,
-    whatever device it was trained on)."""
-    from atlasmap.io import load_model
-
-    return load_model(dir_path, adata=adata, device=device)

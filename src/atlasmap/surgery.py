@@ -15,6 +15,10 @@ Mapping a query onto a reference:
    :class:`~atlasmap.protocols.SurgeryTarget`) so their batch-norm statistics stay fixed too. The module
    receives its :class:`~atlasmap.protocols.FrozenState` through ``set_frozen_state``; the same rule
    (:func:`frozen_state`) serves a new surgery and a saved one restored.
+
+:func:`extend` (steps 1-2) and :func:`freeze` (step 3) act on a module and a registry: no model class, no
+file. ``SCVI.load_query_data`` (:meth:`atlasmap.models.base.BaseModel.load_query_data`) calls them, with
+the model class's own initialisation of new per-batch state in between.
 """
 
 from __future__ import annotations
@@ -22,19 +26,15 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from atlasmap.data.align import new_categories
-from atlasmap.data.registry import check_anndata
+from atlasmap.data.registry import Registry, check_anndata
 from atlasmap.errors import InputError
 from atlasmap.protocols import FrozenState, SurgeryTarget
-
-if TYPE_CHECKING:
-    from atlasmap.models.base import BaseModel
 
 
 @dataclass(frozen=True)
@@ -67,85 +67,80 @@ class SurgeryOptions:
     unfrozen: bool = False
 
 
-def load_query_data(
-    adata: Any,
-    reference: BaseModel | str | Path,
-    *,
-    expected: type | None = None,
-    batch_key: str | None = None,
-    min_gene_overlap: float | None = None,
-    seed: int = 0,
-    **options: Any,
-) -> BaseModel:
-    """Build a query model from ``reference`` by architectural surgery.
-
-    Parameters
-    ----------
-    adata
-        Query AnnData with raw counts (same layer as the reference). Never modified.
-    reference
-        A trained model, or the directory of a saved one.
-    batch_key
-        Query ``.obs`` column holding the batch, when it is named differently from the reference's
-        batch key (required when the reference was set up without a batch key).
-    min_gene_overlap
-        Fraction of reference genes the query must have (default 0.5).
-    seed
-        Seeds the initialisation of the new blocks.
-    **options
-        :class:`SurgeryOptions` fields (``freeze_expression``, ``unfrozen``, ...).
-
-    Returns
-    -------
-    A model of the reference's class on the query, ready for ``.train()``.
-    """
-    from atlasmap.io import load_model
-
+def surgery_options(options: dict[str, Any]) -> SurgeryOptions:
+    """:class:`SurgeryOptions` from keyword arguments, refusing unknown names."""
     unknown = set(options) - set(SurgeryOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"unknown surgery option(s) {', '.join(sorted(unknown))}; valid: "
                          f"{', '.join(SurgeryOptions.__dataclass_fields__)}.")
-    opts = SurgeryOptions(**options)
-    if isinstance(reference, str | Path):
-        reference = load_model(reference)
-    if expected is not None and not isinstance(reference, expected):
-        raise InputError(f"the reference is a {type(reference).__name__} model; use "
-                         f"{type(reference).__name__}.load_query_data (or atlasmap.map_query).")
-    reference._check_trained()
-    check_anndata(adata)
+    return SurgeryOptions(**options)
 
-    key_map = dict(reference.key_map)
+
+@dataclass
+class QuerySurgery:
+    """A surgery in progress: the query's registry and a copy of the reference module with new blocks.
+
+    Attributes
+    ----------
+    module
+        The copy (the reference module is never changed), new blocks added, not yet frozen.
+    registry, key_map
+        The reference's registry with the query's new categories appended per covariate; the query's
+        ``.obs`` column names where they differ from the reference's.
+    added
+        The new categories of each covariate, in order of appearance in the query.
+    new_params
+        The new blocks, the parameters the module registers (trainable after :func:`freeze`).
+    """
+
+    module: nn.Module
+    registry: Registry
+    key_map: dict[str, str]
+    added: dict[str, tuple[str, ...]]
+    new_params: list[nn.Parameter]
+
+
+def extend(module: SurgeryTarget, registry: Registry, adata: Any, *, key_map: dict[str, str],
+           batch_key: str | None = None, seed: int = 0) -> QuerySurgery:
+    """Steps 1 and 2: extend the registry with the query's new categories and a copy of ``module`` with a
+    block per covariate that has new categories, in every table of that covariate (initialised from
+    ``seed`` on the CPU generator, whatever the device). ``module`` and ``registry`` are not changed."""
+    if not isinstance(module, SurgeryTarget):
+        raise TypeError(f"surgery needs a SurgeryTarget module (atlasmap.protocols), got {type(module).__name__}.")
+    check_anndata(adata)
+    key_map = dict(key_map)
     if batch_key is not None:
-        key_map[reference.registry.batch_key] = batch_key
-    added = new_categories(adata, reference.registry, key_map)
-    categories = {k: tuple(v) + added[k] for k, v in reference.registry.categories.items()}
-    registry = reference.registry.with_categories(categories)
-    if not reference.module.config.encode_covariates:
+        key_map[registry.batch_key] = batch_key
+    added = new_categories(adata, registry, key_map)
+    query_registry = registry.with_categories({k: tuple(v) + added[k] for k, v in registry.categories.items()})
+    if not module.config.encode_covariates:
         warnings.warn(
             "the reference was trained with encode_covariates=False: the encoder never sees the batch, so "
             "surgery only adapts the decoder and query cells keep their uncorrected latent positions.",
-            UserWarning, stacklevel=2,
+            UserWarning, stacklevel=3,
         )
-
-    module = copy.deepcopy(reference.module)
+    copy_ = copy.deepcopy(module)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new_params = add_category_blocks(module, [len(added[k]) for k in registry.categorical_keys])
-    surgery = {"options": asdict(opts), "new_categories": {k: list(v) for k, v in added.items()}}
-    query = type(reference)._from_parts(
-        adata=adata, registry=registry, module=module, history={}, is_trained=False, key_map=key_map,
-        surgery=surgery, extra=reference._extra_state(),
-    )
-    query.min_gene_overlap = min_gene_overlap
-    cells = query._cells(training=True)  # validates the query now, before any training
-    query._init_new_batches(cells, added)
-    apply_freezing(module, new_params, opts)
-    surgery["trainable"] = [name for name, p in module.named_parameters() if p.requires_grad]
-    query.is_trained = reference.is_trained  # reference weights are trained; new blocks start random
-    return query
+        new_params = add_category_blocks(copy_, [len(added[k]) for k in query_registry.categorical_keys])
+    return QuerySurgery(module=copy_, registry=query_registry, key_map=key_map, added=added, new_params=new_params)
 
 
-def add_category_blocks(module: nn.Module, n_new: list[int]) -> list[nn.Parameter]:
+def record(plan: QuerySurgery, opts: SurgeryOptions) -> dict[str, Any]:
+    """The surgery as saved with the query model: options and new categories (:func:`freeze` adds the names
+    of the trainable parameters)."""
+    return {"options": asdict(opts), "new_categories": {k: list(v) for k, v in plan.added.items()}}
+
+
+def freeze(plan: QuerySurgery, opts: SurgeryOptions) -> dict[str, Any]:
+    """Step 3: freeze everything but the new blocks (and what ``opts`` release); return the surgery's
+    :func:`record` with the trainable parameter names."""
+    apply_freezing(plan.module, plan.new_params, opts)
+    return {**record(plan, opts),
+            "trainable": [name for name, p in plan.module.named_parameters() if p.requires_grad]}
+
+
+def add_category_blocks(module: SurgeryTarget, n_new: list[int]) -> list[nn.Parameter]:
     """Add a block of ``n_new[j]`` rows to every table of covariate ``j``; return the new parameters."""
     new_params: list[nn.Parameter] = []
     for covariate, n in enumerate(n_new):
@@ -208,5 +203,5 @@ def _released(module: SurgeryTarget, opts: SurgeryOptions) -> list[nn.Parameter]
     return params
 
 
-__all__ = ["SurgeryOptions", "add_category_blocks", "apply_freezing", "frozen_state", "load_query_data",
-           "restore_freezing"]
+__all__ = ["QuerySurgery", "SurgeryOptions", "add_category_blocks", "apply_freezing", "extend", "freeze",
+           "frozen_state", "record", "restore_freezing", "surgery_options"]

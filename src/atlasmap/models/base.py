@@ -1,7 +1,9 @@
 """What every atlasmap model class shares: data preparation, training, latent, save/load, surgery entry.
 
 One small base class; the model classes (SCVI, ...) only say how to build their module and what
-extra per-cell fields they need. Surgery and I/O live in :mod:`atlasmap.surgery` and :mod:`atlasmap.io`.
+extra per-cell fields they need. The surgery itself is :mod:`atlasmap.surgery`, the file formats
+:mod:`atlasmap.io`; :mod:`atlasmap.models.persistence` and :mod:`atlasmap.models.interop` join them to
+the classes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from atlasmap import surgery
 from atlasmap.data.backed import is_backed, prepare_backed_cells
 from atlasmap.data.loader import CellData, minibatches, prepare_cells
 from atlasmap.data.registry import Registry
 from atlasmap.errors import InputError, NotTrainedError
-from atlasmap.train import TrainConfig, default_max_epochs, train_module
+from atlasmap.models.interop import from_scvi_tools
+from atlasmap.models.persistence import load_model, save_model
+from atlasmap.runtime import resolve_device
+from atlasmap.surgery import surgery_options
+from atlasmap.train import TrainConfig, default_max_epochs, evaluate_loss, train_module
 
 
 class BaseModel:
@@ -224,8 +231,6 @@ class BaseModel:
         seed
             Seeds the latent samples of the reconstruction term.
         """
-        from atlasmap.train import evaluate_loss
-
         self._check_trained()
         cells = self._cells(adata, training=True)  # with log x!, so the NLL is the full count likelihood
         with torch.random.fork_rng(devices=[]):
@@ -237,10 +242,9 @@ class BaseModel:
     def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
         """Save to a directory (``config.json`` + ``weights.safetensors``), atomically.
 
-        Raises :class:`~atlasmap.errors.InputError` if the directory exists and ``overwrite`` is False.
+        Raises :class:`~atlasmap.errors.InputError` if the directory exists and ``overwrite`` is False, or
+        if it holds anything but an atlasmap model (atlasmap never deletes files it did not write).
         """
-        from atlasmap.io import save_model
-
         return save_model(self, dir_path, overwrite=overwrite)
 
     @classmethod
@@ -250,15 +254,11 @@ class BaseModel:
         ``device``: where the weights go (default the CPU, whatever device the model was trained on;
         ``"auto"``, ``"cuda"``, ``"cuda:1"``, ...).
         """
-        from atlasmap.io import load_model
-
         return load_model(dir_path, adata=adata, expected=cls, device=device)
 
     def to_device(self, device: str | torch.device) -> BaseModel:
         """Move the model's weights to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``); returns the
         model. ``train`` moves the model to its ``device`` argument too, and the model stays there."""
-        from atlasmap.runtime import resolve_device
-
         self.module.to(resolve_device(str(device)))
         return self
 
@@ -268,11 +268,48 @@ class BaseModel:
         return self._device()
 
     @classmethod
-    def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, **kwargs: Any) -> BaseModel:
-        """Map a query onto a reference by scArches surgery; see :func:`atlasmap.surgery.load_query_data`."""
-        from atlasmap.surgery import load_query_data
+    def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, *, batch_key: str | None = None,
+                        min_gene_overlap: float | None = None, seed: int = 0, **options: Any) -> BaseModel:
+        """Map a query onto a reference by scArches architectural surgery (:mod:`atlasmap.surgery`).
 
-        return load_query_data(adata, reference, expected=cls, **kwargs)
+        Parameters
+        ----------
+        adata
+            Query AnnData with raw counts (same layer as the reference). Never modified.
+        reference
+            A trained model of this class (or a subclass), or the directory of a saved one.
+        batch_key
+            Query ``.obs`` column holding the batch, when it is named differently from the reference's
+            batch key (required when the reference was set up without a batch key).
+        min_gene_overlap
+            Fraction of reference genes the query must have (default 0.5).
+        seed
+            Seeds the initialisation of the new blocks.
+        **options
+            :class:`~atlasmap.surgery.SurgeryOptions` fields (``freeze_expression``, ``unfrozen``, ...).
+
+        Returns
+        -------
+        A model of the reference's class on the query, ready for ``.train()``.
+        """
+        opts = surgery_options(options)
+        if isinstance(reference, str | Path):
+            reference = load_model(reference)
+        if not isinstance(reference, cls):
+            raise InputError(f"the reference is a {type(reference).__name__} model; use "
+                             f"{type(reference).__name__}.load_query_data (or atlasmap.map_query).")
+        reference._check_trained()
+        plan = surgery.extend(reference.module, reference.registry, adata, key_map=reference.key_map,
+                              batch_key=batch_key, seed=seed)
+        query = type(reference)._from_parts(adata=adata, registry=plan.registry, module=plan.module, history={},
+                                            is_trained=False, key_map=plan.key_map,
+                                            surgery=surgery.record(plan, opts), extra=reference._extra_state())
+        query.min_gene_overlap = min_gene_overlap
+        cells = query._cells(training=True)  # validates the query now, before any training
+        query._init_new_batches(cells, plan.added)
+        query.surgery = surgery.freeze(plan, opts)
+        query.is_trained = reference.is_trained  # reference weights are trained; new blocks start random
+        return query
 
     @classmethod
     def from_scvi_tools(cls, dir_path: str | Path, adata: Any = None, *, prefix: str | None = None) -> BaseModel:
@@ -280,10 +317,8 @@ class BaseModel:
 
         The result gives scvi-tools' latent (to float rounding) and maps queries with
         ``load_query_data``; architectures atlasmap cannot represent are refused with
-        :class:`~atlasmap.errors.ModelFileError`. See :mod:`atlasmap.interop`.
+        :class:`~atlasmap.errors.ModelFileError`. See :mod:`atlasmap.io.scvi_tools`.
         """
-        from atlasmap.interop import from_scvi_tools
-
         return from_scvi_tools(dir_path, adata, prefix=prefix, expected=cls)
 
     def __repr__(self) -> str:

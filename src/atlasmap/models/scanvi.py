@@ -31,6 +31,7 @@ import torch
 from atlasmap.data.loader import CellData, minibatches
 from atlasmap.data.registry import obs_column
 from atlasmap.errors import InputError, ModelFileError
+from atlasmap.models.registry import register_model
 from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
 from atlasmap.models.scvi import SCVI, _check_choice
 from atlasmap.models.scvi_module import NormWhere
@@ -69,6 +70,7 @@ def label_categories(adata: Any, labels_key: str, unlabeled_category: str) -> tu
     return tuple(labels)
 
 
+@register_model
 class SCANVI(SCVI):
     """single-cell ANnotation using Variational Inference (Xu et al. 2021) built for reference mapping.
 

@@ -13,6 +13,7 @@ from atlasmap.data.loader import CellData, minibatches
 from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
 from atlasmap.models.base import BaseModel
+from atlasmap.models.registry import register_model
 from atlasmap.models.scvi_module import NormWhere, SCVIConfig, SCVIModule
 
 _NORM_CHOICES = ("none", "encoder", "decoder", "both")
@@ -35,6 +36,7 @@ def library_log_priors(cells: CellData, n_batch: int, batches: Sequence[int]) ->
     return torch.tensor(means, dtype=torch.float32), torch.tensor(variances, dtype=torch.float32)
 
 
+@register_model
 class SCVI(BaseModel):
     """single-cell Variational Inference (Lopez et al. 2018) built for reference mapping.
 

@@ -17,6 +17,7 @@ from atlasmap.data.proteins import align_proteins, background_prior, batch_measu
 from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
 from atlasmap.models.base import BaseModel
+from atlasmap.models.registry import register_model
 from atlasmap.models.scvi import _check_choice
 from atlasmap.models.scvi_module import NormWhere
 from atlasmap.models.totalvi_module import DEFAULT_BACKGROUND_MEAN, TOTALVIConfig, TOTALVIModule
@@ -29,6 +30,7 @@ PROTEIN_FOREGROUND_KEY = "atlasmap_protein_foreground_prob"
 PROTEIN_MEASURED_KEY = "atlasmap_protein_measured"
 
 
+@register_model
 class TOTALVI(BaseModel):
     """total Variational Inference (Gayoso et al. 2021) for CITE-seq, built for reference mapping.
 

@@ -13,6 +13,18 @@ from typing import Any
 import pandas as pd
 
 from atlasmap.errors import InputError
+from atlasmap.workflow.metrics import (
+    _reference_types,
+    _resolve_predicted_key,
+    evaluate,
+    label_transfer_metrics,
+)
+from atlasmap.workflow.plots import (
+    compute_umap,
+    plot_confusion_matrix,
+    plot_mapping_umap,
+    plot_training_curves,
+)
 
 HISTORY_UNS_KEY = "history"
 
@@ -43,19 +55,17 @@ def write_report(
         Training histories by run name (e.g. ``{"reference": ref.history, "query": query.history}``);
         default: the ones :func:`store_histories` saved in ``adata.uns["atlasmap"]``, if any.
     batch_key, label_key
-        With both, :func:`atlasmap.metrics.evaluate` runs (``metrics.csv``/``metrics.json``).
+        With both, :func:`atlasmap.workflow.metrics.evaluate` runs (``metrics.csv``/``metrics.json``).
     predicted_key, uncertainty_key
         Prediction columns; default ``atlasmap_<label_key>`` or ``atlasmap_label`` and ``<predicted>_uncertainty``.
     scib
-        Passed to :func:`~atlasmap.metrics.evaluate`; when scib-metrics is not installed the report warns
+        Passed to :func:`~atlasmap.workflow.metrics.evaluate`; when scib-metrics is not installed the report warns
         and keeps the label-transfer metrics only.
 
     Returns
     -------
     The files written, and the metrics table (``None`` without batch and label keys).
     """
-    from atlasmap.metrics import _reference_types, _resolve_predicted_key, evaluate
-    from atlasmap.plots import compute_umap, plot_confusion_matrix, plot_mapping_umap, plot_training_curves
 
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +98,6 @@ def write_report(
         if table.attrs.get("confusion_matrix") is not None:
             written += [out / "confusion_matrix.csv", out / "per_cell_type.csv"]
     elif predicted_key is not None and label_key is not None:
-        from atlasmap.metrics import label_transfer_metrics
 
         _, confusion, _ = label_transfer_metrics(adata, label_key=label_key, predicted_key=predicted_key,
                                                  dataset_key=dataset_key, unknown_label=unknown_label)

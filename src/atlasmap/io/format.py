@@ -1,7 +1,9 @@
-"""Save and load models: ``config.json`` + ``weights.safetensors``, atomic, no code execution.
+"""The atlasmap model directory: ``config.json`` + ``weights.safetensors``, written atomically, read without
+executing code.
 
-Loading reads JSON and safetensors only; every tensor's name, shape and dtype is checked against the
-module that the config describes before any weight is used.
+Class-free: this module writes and reads a model's *record* (a JSON-able config and tensors by name) and
+checks every tensor's name, shape and dtype against the module the config describes before any weight is
+used; which model class a record belongs to is the business of :mod:`atlasmap.models`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 
 import torch
 
+from atlasmap._version import __version__
 from atlasmap.data.registry import Registry
 from atlasmap.errors import InputError, ModelFileError
+from atlasmap.runtime import is_main_process
 
 FORMAT = "atlasmap-model"
 FORMAT_VERSION = 1
@@ -29,58 +33,10 @@ WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
-def _model_classes() -> dict[str, type]:
-    from atlasmap.models.scvi import SCVI
-
-    classes: dict[str, type] = {"SCVI": SCVI}
-    try:
-        from atlasmap.models.scanvi import SCANVI
-
-        classes["SCANVI"] = SCANVI
-    except ImportError:
-        pass
-    try:
-        from atlasmap.models.totalvi import TOTALVI
-
-        classes["TOTALVI"] = TOTALVI
-    except ImportError:
-        pass
-    return classes
-
-
-def _version() -> str:
-    from atlasmap import __version__
-
-    return __version__
-
-
-def model_config(model: Any) -> dict[str, Any]:
-    """Everything but the weights, as JSON-able data."""
-    module = model.module
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "atlasmap_version": _version(),
-        "model": type(model).__name__,
-        "hparams": module.config.to_dict(),
-        "registry": model.registry.to_dict(),
-        "block_sizes": [_block_sizes(module, j) for j in range(len(model.registry.categorical_keys))],
-        "buffers": {name: list(buf.shape) for name, buf in module.named_buffers()},
-        "key_map": model.key_map,
-        "surgery": model.surgery,
-        "is_trained": model.is_trained,
-        "extra": model._extra_state(),
-        "history": model.history,
-    }
-
-
-def _block_sizes(module: Any, covariate: int) -> list[int]:
-    tables = module.covariate_tables(covariate)
-    return tables[0].block_sizes if tables else []
-
-
-def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model`` to ``dir_path`` atomically (temporary sibling directory, then rename).
+def write_model_directory(dir_path: str | Path, record: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                          overwrite: bool = False) -> Path:
+    """Write a model's ``record`` (JSON-able; the format keys are added) and ``tensors`` to ``dir_path``
+    atomically (temporary sibling directory, then rename).
 
     An existing directory is replaced only with ``overwrite=True`` and only if it is empty or holds an
     atlasmap model and nothing else: atlasmap never deletes files it did not write.
@@ -92,12 +48,10 @@ def save_model(model: Any, dir_path: str | Path, *, overwrite: bool = False) -> 
         raise InputError(f"{dir_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if target.exists():
         _check_replaceable(target, dir_path)
-    from atlasmap.runtime import is_main_process
-
     if not is_main_process():  # under torchrun every rank holds the same model; rank 0 writes it
         return target
-    config = model_config(model)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.module.state_dict().items()}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "atlasmap_version": __version__, **record}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -232,7 +186,7 @@ def read_config(dir_path: str | Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} uses model format version {version!r}, written by atlasmap "
-            f"{config.get('atlasmap_version', '?')}; this atlasmap ({_version()}) reads up to version "
+            f"{config.get('atlasmap_version', '?')}; this atlasmap ({__version__}) reads up to version "
             f"{FORMAT_VERSION}. Upgrade atlasmap."
         )
     missing = [k for k in ("model", "hparams", "registry", "block_sizes") if k not in config]
@@ -241,57 +195,23 @@ def read_config(dir_path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None = None,
-               device: str | torch.device = "cpu") -> Any:
-    """Load a model directory written by :func:`save_model` onto ``device`` (default the CPU, whatever device
-    the model was trained on: the files hold CPU tensors; ``"auto"`` picks CUDA when available)."""
+def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path / weights.safetensors``, checked name by name against ``expected`` (a module's
+    ``state_dict()``): the same names, shapes and dtypes, or a :class:`ModelFileError` naming the first
+    mismatch. Read into memory, not memory-mapped: a file truncated or rewritten in place while loading
+    (``cp``, an in-place download) gives an error instead of killing the process with SIGBUS."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
-
-    from atlasmap.runtime import resolve_device
-    from atlasmap.surgery import add_category_blocks, restore_freezing
-
-    target_device = resolve_device(str(device))  # before reading: a bad device is the caller's error
-    path = Path(dir_path)
-    config = read_config(path)
-    classes = _model_classes()
-    cls = classes.get(config["model"])
-    if cls is None:
-        raise ModelFileError(f"{path} holds an unknown model type {config['model']!r} "
-                             f"(known: {', '.join(classes)}).")
-    if expected is not None and not issubclass(cls, expected):
-        raise ModelFileError(f"{path} holds a {cls.__name__} model; load it with {cls.__name__}.load.")
-    try:
-        registry = Registry.from_dict(config["registry"])
-        module_config = cls._config_cls.from_dict(config["hparams"])
-        _check_registry_matches(path, registry, module_config, config["block_sizes"])
-
-        def build() -> torch.nn.Module:
-            module = cls._module_cls(module_config)
-            for covariate, sizes in enumerate(config["block_sizes"]):
-                for n in sizes[1:]:
-                    add_category_blocks(module, [0] * covariate + [int(n)])
-            for name, shape in config.get("buffers", {}).items():
-                _resize_buffer(module, name, shape)
-            return module
-
-        _check_weights_size(path, build)  # before allocating: a crafted config cannot request huge tensors
-        module = build()
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
-        raise ModelFileError(f"{path / CONFIG_FILE} does not describe a valid {cls.__name__} ({err!r}).") from None
 
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelFileError(f"{path} has no {WEIGHTS_FILE}; the model directory is incomplete.")
-    expected_tensors = module.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     try:
-        # a private in-memory copy, not a memory map: a file truncated or rewritten in place while
-        # loading (cp, an in-place download) must give an error, not kill the process with SIGBUS
         in_file = load_safetensors(weights_path.read_bytes())
         names = set(in_file)
-        missing = sorted(set(expected_tensors) - names)
-        extra = sorted(names - set(expected_tensors))
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
         if missing or extra:
             raise ModelFileError(
                 f"{weights_path} does not match {CONFIG_FILE}: "
@@ -299,7 +219,7 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
                 + ("; " if missing and extra else "")
                 + (f"unexpected tensors {extra[:3]}" if extra else "")
             )
-        for name, ref in expected_tensors.items():
+        for name, ref in expected.items():
             tensor = in_file[name]
             if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
                 raise ModelFileError(
@@ -312,27 +232,10 @@ def load_model(dir_path: str | Path, *, adata: Any = None, expected: type | None
                              "or truncated.") from None
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{weights_path} could not be read ({err}); it is corrupt or truncated.") from None
-    module.load_state_dict(loaded, strict=True)
-    module.to(target_device)
-
-    try:
-        model = cls._from_parts(
-            adata=adata, registry=registry, module=module, history=config.get("history") or {},
-            is_trained=bool(config.get("is_trained", True)), key_map=config.get("key_map") or {},
-            surgery=config.get("surgery"), extra=config.get("extra") or {},
-        )
-        if model.surgery:
-            restore_freezing(module, model.surgery)
-        else:
-            for p in module.parameters():
-                p.requires_grad_(True)
-    except (InputError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ModelFileError(f"{path / CONFIG_FILE} has invalid model state ({err}); the model directory is "
-                             "corrupt.") from None
-    return model
+    return loaded
 
 
-def _check_weights_size(path: Path, build: Any) -> None:
+def check_weights_size(path: Path, build: Any) -> None:
     """Refuse a config whose module needs more bytes than ``weights.safetensors`` holds, by building it on
     the meta device (no memory): loading then allocates at most about the size of the weights file."""
     weights = path / WEIGHTS_FILE
@@ -350,26 +253,25 @@ def _check_weights_size(path: Path, build: Any) -> None:
                              f"holds {have / 1e6:.3g} MB; the model directory is corrupt.")
 
 
-def _check_registry_matches(path: Path, registry: Registry, module_config: Any, block_sizes: list) -> None:
+def check_registry_matches(path: Path, registry: Registry, module_config: Any, block_sizes: list) -> None:
     """The registry (genes, categories, covariates) must describe the same shapes as the hyper-parameters
-    and block sizes; otherwise the weights would load and fail (or silently misread) at inference."""
+    (``n_genes``, ``n_continuous``, ``n_categories`` of any module config) and block sizes; otherwise the
+    weights would load and fail (or silently misread) at inference."""
     problems = []
-    n_genes = getattr(module_config, "n_genes", None)
-    if n_genes is not None and registry.n_vars != n_genes:
+    n_genes, n_continuous, n_ref = module_config.n_genes, module_config.n_continuous, module_config.n_categories
+    if registry.n_vars != n_genes:
         problems.append(f"{registry.n_vars} gene names but n_genes={n_genes}")
-    n_continuous = getattr(module_config, "n_continuous", None)
-    if n_continuous is not None and len(registry.continuous_keys) != n_continuous:
+    if len(registry.continuous_keys) != n_continuous:
         problems.append(f"{len(registry.continuous_keys)} continuous covariates but n_continuous={n_continuous}")
     if len(block_sizes) != len(registry.categorical_keys):
         problems.append(f"{len(registry.categorical_keys)} categorical covariates but block sizes for "
                         f"{len(block_sizes)}")
     else:
-        n_ref = getattr(module_config, "n_categories", None)
         for j, (key, sizes) in enumerate(zip(registry.categorical_keys, block_sizes, strict=True)):
             n_cats = len(registry.categories.get(key, ()))
             if sum(int(n) for n in sizes) != n_cats:
                 problems.append(f"covariate {key!r} has {n_cats} categories but parameter blocks of sizes {sizes}")
-            elif n_ref is not None and (j >= len(n_ref) or not sizes or int(sizes[0]) != n_ref[j]):
+            elif j >= len(n_ref) or not sizes or int(sizes[0]) != n_ref[j]:
                 problems.append(f"covariate {key!r}: reference block size {sizes[:1]} does not match the "
                                 f"hyper-parameters")
     if problems:
@@ -377,7 +279,7 @@ def _check_registry_matches(path: Path, registry: Registry, module_config: Any, 
                              "is corrupt.")
 
 
-def _resize_buffer(module: torch.nn.Module, name: str, shape: list[int]) -> None:
+def resize_buffer(module: torch.nn.Module, name: str, shape: list[int]) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     current = getattr(owner, attr)

@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atlasmap.data.backed import is_backed
 from atlasmap.errors import InputError
+from atlasmap.models import load_model
+from atlasmap.runtime import is_main_process
+from atlasmap.workflow.knn import transfer_labels
 
 LATENT_KEY = "X_atlasmap"
 DATASET_KEY = "atlasmap_dataset"
@@ -34,7 +38,6 @@ def write_h5ad_atomic(adata: Any, path: str | Path, *, overwrite: bool = False) 
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it.")
-    from atlasmap.runtime import is_main_process
 
     if not is_main_process():  # under torchrun only rank 0 writes outputs
         return path
@@ -85,7 +88,6 @@ def map_query(
     -------
     ``(query_model, mapped)`` where ``mapped`` is a new AnnData with the latent in ``obsm[key_added]``.
     """
-    from atlasmap.io import load_model
 
     if isinstance(reference, str | Path):
         reference = load_model(reference)
@@ -103,11 +105,10 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
     """
     import anndata as ad
 
-    from atlasmap.data.backed import is_backed
 
     if is_backed(adata_query) or (adata_reference is not None and is_backed(adata_reference)):
         raise InputError("a backed (on-disk) AnnData cannot be copied with its counts; write its latent with "
-                         "atlasmap.streaming.write_latent (or map it with atlasmap.streaming.map_query_backed, "
+                         "atlasmap.workflow.streaming.write_latent (or map it with atlasmap.workflow.streaming.map_query_backed, "
                          "CLI: atlasmap map --backed).")
     query = adata_query.copy()
     query.obsm[key_added] = model.get_latent_representation(adata_query)
@@ -136,12 +137,29 @@ def _model_obsm_outputs(model: Any, adata: Any) -> dict[str, Any]:
     return {} if outputs is None else dict(outputs(adata))
 
 
+def joint_batch_column(joint: Any, adata_reference: Any, adata_query: Any, reference_key: str | None,
+                       query_key: str | None = None) -> str | None:
+    """The batch column of joint cells (from :func:`joint_embedding`), for metrics and plots. The joint
+    AnnData keeps only ``.obs`` columns both inputs share, so when the query names its batch column
+    differently (``query_key``, the ``batch_key=`` of ``load_query_data``), the two are combined into
+    ``joint.obs['atlasmap_batch']``. Returns the column's name (``None`` if there is none)."""
+    query_key = query_key or reference_key
+    if reference_key in joint.obs.columns and query_key == reference_key:
+        return reference_key
+    if adata_reference is None or reference_key not in adata_reference.obs or query_key not in adata_query.obs:
+        return query_key if query_key in joint.obs.columns else None
+    values = np.concatenate([adata_reference.obs[reference_key].astype(str).to_numpy(),
+                             adata_query.obs[query_key].astype(str).to_numpy()])
+    joint.obs["atlasmap_batch"] = pd.Categorical(values)
+    return "atlasmap_batch"
+
+
 def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncertainty_threshold: float = 0.5,
                  key_added: str = "atlasmap", use_rep: str = LATENT_KEY, kernel: str = "gaussian",
                  unknown_label: str = "Unknown") -> dict[str, Any]:
     """Transfer ``obs[labels_key]`` from reference to query cells of ``joint`` (in place) by weighted kNN.
 
-    A thin wrapper of :func:`atlasmap.knn.transfer_labels` on a joint AnnData (``obs['atlasmap_dataset']``
+    A thin wrapper of :func:`atlasmap.workflow.knn.transfer_labels` on a joint AnnData (``obs['atlasmap_dataset']``
     says which cells are reference and which query); see there for the columns written:
     ``obs[f"{key_added}_{labels_key}"]``, ``obs[f"{key_added}_{labels_key}_uncertainty"]`` and
     ``obsm[f"{key_added}_{labels_key}_proba"]``. The generic ``{key_added}_label`` names are left to the
@@ -153,7 +171,6 @@ def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncert
     cells have labels of their own, ``accuracy`` (of the argmax label, threshold not applied: comparable to
     scvi-tools' and scArches' figures) and ``accuracy_with_unknown`` (``Unknown`` counted as wrong).
     """
-    from atlasmap.knn import transfer_labels
 
     keys = [labels_key] if isinstance(labels_key, str) else list(labels_key)
     if DATASET_KEY not in joint.obs.columns:

@@ -23,7 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from atlasmap.data.backed import is_backed, make_readable, read_backed
+from atlasmap.data.loader import minibatches
 from atlasmap.errors import InputError
+from atlasmap.models import load_model
+from atlasmap.runtime import is_main_process
 
 LATENT_KEY = "X_atlasmap"
 DATASET_KEY = "atlasmap_dataset"
@@ -37,7 +41,6 @@ def iter_latent(model: Any, adata: Any = None, *, batch_size: int = 8192, give_m
 
     Works for in-memory and backed AnnData; ``rows`` is a slice (backed) or an index array.
     """
-    from atlasmap.data.loader import minibatches
 
     model._check_trained()
     cells = model._cells(adata)
@@ -59,7 +62,6 @@ def iter_latent(model: Any, adata: Any = None, *, batch_size: int = 8192, give_m
 
 
 def _tmp_sibling(path: Path) -> Path:
-    from atlasmap.data.backed import make_readable
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -111,7 +113,6 @@ def write_latent(
     InputError
         ``path`` exists (without ``overwrite``) or has another suffix.
     """
-    from atlasmap.runtime import is_main_process
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -183,14 +184,12 @@ def map_query_backed(
     output
         ``.h5ad`` (obs + latent, no genes) or ``.npy``; see :func:`write_latent`.
     batch_key, max_epochs, surgery_kwargs, train_kwargs
-        As in :func:`atlasmap.mapping.map_query`.
+        As in :func:`atlasmap.workflow.mapping.map_query`.
 
     Returns
     -------
     ``(query_model, output_path)``.
     """
-    from atlasmap.data.backed import is_backed, read_backed
-    from atlasmap.io import load_model
 
     output = Path(output)
     if output.exists() and not overwrite:
