@@ -125,3 +125,21 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for name in ("mapped.h5ad", "umap.png", "training_curves.png"):
         assert (tmp_path / "demo" / name).is_file()
     assert (tmp_path / "demo" / "umap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_model_choices_are_those_the_library_trains() -> None:
+    from atlasmap.workflow.reference import REFERENCE_MODELS
+
+    assert tuple(cli.REFERENCE_MODELS) == REFERENCE_MODELS
+
+
+def test_warning_format_is_one_line_only_while_a_command_runs(files: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import warnings
+
+    before = warnings.formatwarning
+    assert cli.main(["info", str(files["model"])]) == 0
+    assert warnings.formatwarning is before, "the CLI left its warning format behind"
+    with cli.one_line_warnings():
+        assert warnings.formatwarning("careful", UserWarning, "f.py", 1) == "atlasmap: warning: careful\n"
+    assert warnings.formatwarning is before

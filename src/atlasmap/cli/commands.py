@@ -20,6 +20,7 @@ from atlasmap.errors import AtlasmapError
 from atlasmap.io.format import read_config
 from atlasmap.models import from_scvi_tools, load_model
 from atlasmap.models.scvi import SCVI
+from atlasmap.models.totalvi import TOTALVI
 from atlasmap.runtime import describe_device, set_backed_options
 from atlasmap.workflow.labels import predict_labels, without_query_labels
 from atlasmap.workflow.mapping import (
@@ -170,7 +171,7 @@ def cmd_map(args: argparse.Namespace) -> None:
         model.save(args.model_out, overwrite=args.overwrite)
     print(f"device: {_device_text(model)}")
     print(f"mapped {query.n_obs} query cells in {t_train:.1f} s -> {out}")
-    if hasattr(model, "protein_names"):
+    if isinstance(model, TOTALVI):
         print("totalVI proteins: denoised (imputed where not measured) in obsm['atlasmap_protein_denoised'], "
               "foreground probability in obsm['atlasmap_protein_foreground_prob'], measured mask in "
               "obsm['atlasmap_protein_measured']")

@@ -8,10 +8,12 @@ the classes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -321,6 +323,37 @@ class BaseModel:
         """
         return from_scvi_tools(dir_path, adata, prefix=prefix, expected=cls)
 
+    def obsm_outputs(self, adata: Any = None) -> dict[str, Any]:
+        """Per-cell outputs beyond the latent, keyed by the ``.obsm`` slot that mapped AnnData get (none here;
+        totalVI: denoised proteins, foreground probability, measured mask)."""
+        return {}
+
+    # ------------------------------------------------------------------ argument helpers shared by the classes
+    def _batch_codes(self, transform_batch: str | Sequence[str] | None) -> list[int | None]:
+        """Batch codes of ``transform_batch`` (``[None]``: each cell's own batch)."""
+        if transform_batch is None:
+            return [None]
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        cats = self.registry.categories[self.registry.batch_key]
+        codes: list[int | None] = []
+        for name in names:
+            if str(name) not in cats:
+                raise InputError(f"transform_batch {name!r} is not a batch of this model (batches: {', '.join(cats)}).")
+            codes.append(cats.index(str(name)))
+        if not codes:
+            raise InputError("transform_batch is an empty list; pass None or at least one batch.")
+        return codes
+
+    def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray:
+        """Positions of ``gene_list`` among the model's genes (all genes for ``None``)."""
+        if gene_list is None:
+            return np.arange(self.registry.n_vars)
+        idx = pd.Index(self.registry.var_names).get_indexer(list(gene_list))
+        if (idx < 0).any():
+            missing = [g for g, i in zip(gene_list, idx, strict=True) if i < 0][:5]
+            raise InputError(f"genes not in the model: {', '.join(map(repr, missing))}.")
+        return idx
+
     def __repr__(self) -> str:
         cfg = self.module.config
         status = "trained" if self.is_trained else "untrained"
@@ -328,3 +361,13 @@ class BaseModel:
         kind = "query" if self.surgery else "reference"
         return (f"{type(self).__name__}({kind}, {status}; {self.registry.n_vars} genes, "
                 f"n_latent={cfg.n_latent}, n_layers={cfg.n_layers}, n_hidden={cfg.n_hidden}; categories {cats})")
+
+
+#: Where a model class may normalise hidden layers (``use_layer_norm`` / ``use_batch_norm``).
+NORM_CHOICES = ("none", "encoder", "decoder", "both")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """An :class:`InputError` naming the argument and its choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")

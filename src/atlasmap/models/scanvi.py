@@ -31,9 +31,10 @@ import torch
 from atlasmap.data.loader import CellData, minibatches
 from atlasmap.data.registry import obs_column
 from atlasmap.errors import InputError, ModelFileError
+from atlasmap.models.base import check_choice
 from atlasmap.models.registry import register_model
 from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
-from atlasmap.models.scvi import SCVI, _check_choice
+from atlasmap.models.scvi import SCVI
 from atlasmap.models.scvi_module import NormWhere
 from atlasmap.train import default_max_epochs
 
@@ -146,6 +147,7 @@ class SCANVI(SCVI):
     ) -> None:
         _check_label_options(classification_ratio, label_prior)
         self._set_labels(labels_key, unlabeled_category, label_categories(adata, labels_key, unlabeled_category))
+        self.pretrained = False
         self._label_options = {"linear_classifier": bool(linear_classifier),
                                "classification_ratio": float(classification_ratio), "label_prior": label_prior}
         super().__init__(
@@ -229,7 +231,6 @@ class SCANVI(SCVI):
         self.labels_key = str(labels_key)
         self.unlabeled_category = str(unlabeled_category)
         self.labels = tuple(labels)
-        self.pretrained = getattr(self, "pretrained", False)
 
     def _config_extras(self) -> dict[str, Any]:
         return {"n_labels": len(self.labels), **self._label_options}
@@ -355,7 +356,7 @@ _LABEL_PARTS = frozenset({"classifier", "encoder_z2_z1", "z2_mean", "z2_var", "d
 
 
 def _check_label_options(classification_ratio: float, label_prior: str) -> None:
-    _check_choice("label_prior", label_prior, ("uniform", "empirical"))
+    check_choice("label_prior", label_prior, ("uniform", "empirical"))
     if not float(classification_ratio) >= 0.0:
         raise InputError(f"classification_ratio must be non-negative, got {classification_ratio}.")
 

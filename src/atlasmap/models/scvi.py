@@ -12,21 +12,14 @@ import torch
 from atlasmap.data.loader import CellData, minibatches
 from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
-from atlasmap.models.base import BaseModel
+from atlasmap.models.base import NORM_CHOICES, BaseModel, check_choice
 from atlasmap.models.registry import register_model
 from atlasmap.models.scvi_module import NormWhere, SCVIConfig, SCVIModule
-
-_NORM_CHOICES = ("none", "encoder", "decoder", "both")
 
 
 def library_log_priors(cells: CellData, n_batch: int, batches: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of log library size of each batch in ``batches`` (scvi-tools' library prior)."""
-    x = getattr(cells, "counts", None)
-    if x is None:  # streaming source (backed file): library sizes were computed while validating
-        totals = cells.library
-    else:
-        totals = x.sum(1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x.sum(1)).ravel()
-    log_lib = np.log(totals)
+    log_lib = np.log(cells.library_sizes())
     codes = cells.fields["cat"][:, 0].numpy()
     means, variances = [], []
     for b in batches:
@@ -100,10 +93,10 @@ class SCVI(BaseModel):
         use_observed_lib_size: bool = True,
         seed: int = 0,
     ) -> None:
-        _check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson"))
-        _check_choice("dispersion", dispersion, ("gene", "gene-batch"))
-        _check_choice("use_layer_norm", use_layer_norm, _NORM_CHOICES)
-        _check_choice("use_batch_norm", use_batch_norm, _NORM_CHOICES)
+        check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson"))
+        check_choice("dispersion", dispersion, ("gene", "gene-batch"))
+        check_choice("use_layer_norm", use_layer_norm, NORM_CHOICES)
+        check_choice("use_batch_norm", use_batch_norm, NORM_CHOICES)
         for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent), ("n_layers", n_layers)):
             if int(value) < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}.")
@@ -212,29 +205,3 @@ class SCVI(BaseModel):
             return out
         obs_names = (self.adata if adata is None else adata).obs_names
         return pd.DataFrame(out, index=obs_names, columns=[self.registry.var_names[i] for i in gene_idx])
-
-    def _batch_codes(self, transform_batch: str | Sequence[str] | None) -> list[int | None]:
-        if transform_batch is None:
-            return [None]
-        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
-        cats = self.registry.categories[self.registry.batch_key]
-        codes = []
-        for name in names:
-            if str(name) not in cats:
-                raise InputError(f"transform_batch {name!r} is not a batch of this model (batches: {', '.join(cats)}).")
-            codes.append(cats.index(str(name)))
-        return codes
-
-    def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray:
-        if gene_list is None:
-            return np.arange(self.registry.n_vars)
-        idx = pd.Index(self.registry.var_names).get_indexer(list(gene_list))
-        if (idx < 0).any():
-            missing = [g for g, i in zip(gene_list, idx, strict=True) if i < 0][:5]
-            raise InputError(f"genes not in the model: {', '.join(map(repr, missing))}.")
-        return idx
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")

@@ -16,13 +16,11 @@ from atlasmap.data.loader import CellData, minibatches
 from atlasmap.data.proteins import align_proteins, background_prior, batch_measured, read_proteins
 from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
-from atlasmap.models.base import BaseModel
+from atlasmap.models.base import NORM_CHOICES, BaseModel, check_choice
 from atlasmap.models.registry import register_model
-from atlasmap.models.scvi import _check_choice
 from atlasmap.models.scvi_module import NormWhere
 from atlasmap.models.totalvi_module import DEFAULT_BACKGROUND_MEAN, TOTALVIConfig, TOTALVIModule
 
-_NORM_CHOICES = ("none", "encoder", "decoder", "both")
 #: ``.obsm`` keys written by :meth:`TOTALVI.annotate` and the mapping workflow.
 LATENT_KEY = "X_atlasmap"
 PROTEIN_DENOISED_KEY = "atlasmap_protein_denoised"
@@ -114,11 +112,11 @@ class TOTALVI(BaseModel):
         override_missing_proteins: bool = False,
         seed: int = 0,
     ) -> None:
-        _check_choice("gene_likelihood", gene_likelihood, ("nb", "zinb"))
-        _check_choice("gene_dispersion", gene_dispersion, ("gene", "gene-batch"))
-        _check_choice("protein_dispersion", protein_dispersion, ("protein", "protein-batch"))
-        _check_choice("use_layer_norm", use_layer_norm, _NORM_CHOICES)
-        _check_choice("use_batch_norm", use_batch_norm, _NORM_CHOICES)
+        check_choice("gene_likelihood", gene_likelihood, ("nb", "zinb"))
+        check_choice("gene_dispersion", gene_dispersion, ("gene", "gene-batch"))
+        check_choice("protein_dispersion", protein_dispersion, ("protein", "protein-batch"))
+        check_choice("use_layer_norm", use_layer_norm, NORM_CHOICES)
+        check_choice("use_batch_norm", use_batch_norm, NORM_CHOICES)
         for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent), ("n_layers_encoder", n_layers_encoder),
                             ("n_layers_decoder", n_layers_decoder)):
             if int(value) < 1:
@@ -542,20 +540,6 @@ class TOTALVI(BaseModel):
         uns.update(model="TOTALVI", protein_names=list(self.protein_names))
         target.uns["atlasmap"] = uns
         return None if inplace else target
-
-    def _batch_codes(self, transform_batch: str | Sequence[str] | None) -> list[int | None]:
-        if transform_batch is None:
-            return [None]
-        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
-        cats = self.registry.categories[self.registry.batch_key]
-        codes: list[int | None] = []
-        for name in names:
-            if str(name) not in cats:
-                raise InputError(f"transform_batch {name!r} is not a batch of this model (batches: {', '.join(cats)}).")
-            codes.append(cats.index(str(name)))
-        if not codes:
-            raise InputError("transform_batch is an empty list; pass None or at least one batch.")
-        return codes
 
     def __repr__(self) -> str:
         cfg = self.module.config

@@ -133,8 +133,7 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
 def _model_obsm_outputs(model: Any, adata: Any) -> dict[str, Any]:
     """Further per-cell outputs of models that have them, keyed by ``.obsm`` slot (totalVI: denoised and
     imputed proteins, foreground probability, measured mask)."""
-    outputs = getattr(model, "obsm_outputs", None)
-    return {} if outputs is None else dict(outputs(adata))
+    return dict(model.obsm_outputs(adata))
 
 
 def joint_batch_column(joint: Any, adata_reference: Any, adata_query: Any, reference_key: str | None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,8 @@ def store_histories(adata: Any, histories: dict[str, dict[str, list]]) -> None:
 
 def load_histories(adata: Any) -> dict[str, dict[str, list]]:
     """Training histories saved by :func:`store_histories`, or ``{}``."""
-    raw = adata.uns.get("atlasmap", {}).get(HISTORY_UNS_KEY) if hasattr(adata.uns.get("atlasmap", {}), "get") else None
+    stored = adata.uns.get("atlasmap", {})
+    raw = stored.get(HISTORY_UNS_KEY) if isinstance(stored, Mapping) else None
     if raw is None:
         return {}
     try:

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 from atlasmap.data.backed import is_backed, make_readable, read_backed
-from atlasmap.data.loader import minibatches
 from atlasmap.errors import InputError
 from atlasmap.models import load_model
 from atlasmap.runtime import is_main_process
@@ -48,10 +47,7 @@ def iter_latent(model: Any, adata: Any = None, *, batch_size: int = 8192, give_m
     device = next(module.parameters()).device
     module.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if hasattr(cells, "iter_ordered"):
-        blocks: Iterator[tuple[Any, dict[str, torch.Tensor]]] = cells.iter_ordered(batch_size, device)
-    else:
-        blocks = ((rows, cells.batch(rows, device)) for rows in minibatches(cells.n_cells, batch_size, shuffle=False))
+    blocks = cells.iter_ordered(batch_size, device)
     with torch.inference_mode():
         for rows, batch in blocks:
             inf = module.inference(batch, sample=False)
