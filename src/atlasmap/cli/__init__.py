@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from atlasmap.cli.parser import DEVICE_HELP, REFERENCE_MODELS, build_parser
-from atlasmap.errors import AtlasmapError, InputError
+from atlasmap.errors import AtlasmapError, InputError, vocabulary
 
 EXIT_USER_ERROR = 2
 
@@ -39,7 +39,7 @@ def one_line_warnings() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Run one ``atlasmap`` command; returns the exit status (0, 2 for a user error, 130 if interrupted)."""
     args = build_parser().parse_args(argv)
-    with one_line_warnings():
+    with one_line_warnings(), vocabulary("cli"):  # errors name flags (--layer counts), not arguments
         try:
             threads = getattr(args, "threads", None)
             if threads is not None and threads < 1:

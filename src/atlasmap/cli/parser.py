@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--knn-threshold", type=float, default=0.5, metavar="U",
                     help="kNN cells with uncertainty above U are labelled Unknown (default 0.5; 1: never)")
     mp.add_argument("--min-gene-overlap", type=float, default=None, help="minimum fraction of reference genes (default 0.5)")
+    mp.add_argument("--var-names-column", metavar="COL",
+                    help="match the query's genes by this .var column (e.g. gene_ids) instead of var_names (default: "
+                         "var_names, or a .var column that matches clearly more reference genes, said in a warning; "
+                         "Ensembl version suffixes are ignored)")
     mp.add_argument("--unfrozen", action="store_true", help="fine-tune all weights (reference latent changes)")
     mp.add_argument("--report", metavar="DIR",
                     help="write a report to DIR: UMAP, training curves and, with labels (--knn-labels or a "

@@ -593,6 +593,7 @@ def prepare_backed_cells(
     *,
     key_map: dict[str, str] | None = None,
     min_gene_overlap: float | None = None,
+    var_names_column: str | None = None,
     options: BackedOptions | None = None,
 ) -> BackedCells:
     """The streaming counterpart of :func:`atlasmap.data.loader.prepare_cells` for a backed AnnData.
@@ -602,8 +603,10 @@ def prepare_backed_cells(
     ``adata`` and its file are not modified.
     """
     check_anndata(adata)
-    kwargs = {} if min_gene_overlap is None else {"min_overlap": min_gene_overlap}
-    alignment = align_genes(adata.var_names, registry.var_names, **kwargs)
+    kwargs: dict[str, Any] = {"var_names_column": var_names_column}
+    if min_gene_overlap is not None:
+        kwargs["min_overlap"] = min_gene_overlap
+    alignment = align_genes(adata.var, registry.var_names, **kwargs)
     options = options or get_backed_options()
     if options.release_memory:
         release_large_allocations()

@@ -216,6 +216,7 @@ def prepare_cells(
     *,
     key_map: dict[str, str] | None = None,
     min_gene_overlap: float | None = None,
+    var_names_column: str | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
     likelihood_constants: bool = True,
     dense: bool | None = None,
@@ -226,8 +227,10 @@ def prepare_cells(
     (inference on new data; the loss computes it itself when it is missing). ``dense`` forces the dense
     (True) or CSR (False) layout of the counts; by default :func:`use_dense` decides."""
     check_anndata(adata)
-    kwargs = {} if min_gene_overlap is None else {"min_overlap": min_gene_overlap}
-    alignment = align_genes(adata.var_names, registry.var_names, **kwargs)
+    kwargs: dict[str, Any] = {"var_names_column": var_names_column}
+    if min_gene_overlap is not None:
+        kwargs["min_overlap"] = min_gene_overlap
+    alignment = align_genes(adata.var, registry.var_names, **kwargs)
     counts = get_counts(adata, registry.layer)
     counts = reorder_genes(counts, alignment)
     totals = np.asarray(counts.sum(axis=1)).ravel()

@@ -55,6 +55,7 @@ class BaseModel:
     key_map: dict[str, str]
     surgery: dict[str, Any] | None
     min_gene_overlap: float | None
+    var_names_column: str | None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -77,6 +78,7 @@ class BaseModel:
         self.key_map = dict(key_map or {})
         self.surgery = surgery
         self.min_gene_overlap = None
+        self.var_names_column = None
         self._cells_cache: tuple[int, CellData] | None = None
         self._restore_extra(extra or {})
         module.eval()
@@ -109,7 +111,8 @@ class BaseModel:
         if own and self._cells_cache is not None and self._cells_cache[0] == id(adata):
             return self._cells_cache[1]
         # an AnnData opened backed (read_backed / read_h5ad(backed="r")) is streamed from disk in chunks
-        kwargs = dict(key_map=self.key_map, min_gene_overlap=self.min_gene_overlap)
+        kwargs = dict(key_map=self.key_map, min_gene_overlap=self.min_gene_overlap,
+                      var_names_column=self.var_names_column)
         if is_backed(adata):
             cells = prepare_backed_cells(adata, self.registry, **kwargs)
         else:  # the loss's data constants only for data the model may train on
@@ -271,7 +274,8 @@ class BaseModel:
 
     @classmethod
     def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, *, batch_key: str | None = None,
-                        min_gene_overlap: float | None = None, seed: int = 0, **options: Any) -> BaseModel:
+                        min_gene_overlap: float | None = None, var_names_column: str | None = None,
+                        seed: int = 0, **options: Any) -> BaseModel:
         """Map a query onto a reference by scArches architectural surgery (:mod:`atlasmap.surgery`).
 
         Parameters
@@ -285,6 +289,10 @@ class BaseModel:
             batch key (required when the reference was set up without a batch key).
         min_gene_overlap
             Fraction of reference genes the query must have (default 0.5).
+        var_names_column
+            Match the query's genes to the reference's by this ``.var`` column (e.g. ``"gene_ids"``) instead
+            of ``var_names``. By default ``var_names`` are used, or a ``.var`` column that matches clearly
+            more of the reference's genes, with a warning naming it; Ensembl version suffixes are ignored.
         seed
             Seeds the initialisation of the new blocks.
         **options
@@ -307,6 +315,7 @@ class BaseModel:
                                             is_trained=False, key_map=plan.key_map,
                                             surgery=surgery.record(plan, opts), extra=reference._extra_state())
         query.min_gene_overlap = min_gene_overlap
+        query.var_names_column = var_names_column
         cells = query._cells(training=True)  # validates the query now, before any training
         query._init_new_batches(cells, plan.added)
         query.surgery = surgery.freeze(plan, opts)
