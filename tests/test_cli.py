@@ -113,7 +113,7 @@ def test_non_count_input_error_in_subprocess(files: dict[str, Path]) -> None:
                            "-o", str(files["root"] / "m3")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "non-integer" in proc.stderr and "layer=" in proc.stderr
+    assert "non-integer" in proc.stderr and "--layer counts" in proc.stderr and "layer=" not in proc.stderr
     assert not (files["root"] / "m3").exists()
 
 

@@ -309,11 +309,23 @@ def expected_problems(case: Case, pipeline: str, reference: Any) -> set[str]:
         problems.add("missing_layer")
         counts: np.ndarray | None = None
     elif not reads_layer and case.layer_mode == "x_none":
-        problems.add("x_none")
-        counts = None
-    elif not reads_layer and case.layer_mode == "layer":  # X is log-normalised
-        counts = np.asarray(adata.X, dtype=np.float64)
-        problems |= _matrix_problems(counts, "float32")
+        layer_problems = _matrix_problems(case.values, case.dtype)
+        if pipeline != "setup" and not (layer_problems - {"huge"}):  # no X: the layer holding counts is used
+            counts = case.values
+            problems |= layer_problems
+        else:
+            problems.add("x_none")
+            counts = None
+    elif not reads_layer and case.layer_mode == "layer":  # X is log-normalised, the counts are in the layer
+        layer_problems = _matrix_problems(case.values, case.dtype)
+        if pipeline != "setup" and not (layer_problems - {"huge"}):
+            # a query / new data: X holds transformed values, the layer is the one place holding counts, so it
+            # is used (with a warning); a reference (setup) is strict: the layer must be named
+            counts = case.values
+            problems |= layer_problems
+        else:
+            counts = np.asarray(adata.X, dtype=np.float64)
+            problems |= _matrix_problems(counts, "float32")
     else:
         counts = case.values
         problems |= _matrix_problems(counts, case.dtype)

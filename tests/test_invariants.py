@@ -383,14 +383,32 @@ def test_batch_norm_surgery_options(ref_adata: Any, query_adata: Any, freeze_dec
 
 def test_query_of_known_batches_adds_nothing(ref_model: Any, ref_adata: Any) -> None:
     """A 'query' made only of reference categories gets no new blocks: it embeds exactly like the reference,
-    and there is nothing to train."""
-    query = atlasmap.SCVI.load_query_data(ref_adata[::2].copy(), ref_model)
+    and there is nothing to train — said when it is mapped, with the ways forward: embed without training
+    (max_epochs=0) or fine-tune (unfrozen=True), both of which work."""
+    with pytest.warns(UserWarning, match=r"only categories the reference knows.*max_epochs=0.*unfrozen=True"):
+        query = atlasmap.SCVI.load_query_data(ref_adata[::2].copy(), ref_model)
     assert query.registry.categories == ref_model.registry.categories
     assert query.surgery["trainable"] == [] and query.surgery["new_categories"] == {"batch": []}
     assert all(len(t.blocks) == 1 for _, layer in _injected_layers(query.module) for t in layer.covariates)
     assert np.array_equal(query.get_latent_representation(ref_adata), ref_model.get_latent_representation())
-    with pytest.raises(atlasmap.AtlasmapError, match="no trainable parameters"):
+    with pytest.raises(atlasmap.InputError, match=r"nothing to train.*max_epochs=0.*unfrozen=True"):
         query.train(1, progress_bar=False)
+    query.train(0)  # embed as it is: no error, nothing changes
+    assert np.array_equal(query.get_latent_representation(ref_adata), ref_model.get_latent_representation())
+    tuned = atlasmap.SCVI.load_query_data(ref_adata[::2].copy(), ref_model, unfrozen=True)
+    tuned.train(1, progress_bar=False)
+    assert len(tuned.history["epoch"]) == 1
+
+
+def test_max_epochs_zero_embeds_the_query_right_after_surgery(ref_model: Any, query_adata: Any) -> None:
+    query = atlasmap.SCVI.load_query_data(query_adata, ref_model)
+    before = {n: p.detach().clone() for n, p in query.module.named_parameters()}
+    query.train(max_epochs=0)
+    assert query.history == {} and query.is_trained
+    assert all(torch.equal(p.detach(), before[n]) for n, p in query.module.named_parameters())
+    assert query.get_latent_representation().shape == (query_adata.n_obs, ref_model.module.config.n_latent)
+    with pytest.raises(atlasmap.InputError, match=r"max_epochs=0 trains nothing.*reference"):
+        atlasmap.SCVI(query_adata, batch_key="batch", n_latent=4).train(max_epochs=0)
 
 
 def test_unknown_surgery_option_is_refused(ref_model: Any, query_adata: Any) -> None:

@@ -28,13 +28,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from atlasmap.data.align import new_categories
 from atlasmap.data.registry import Registry, check_anndata
 from atlasmap.errors import InputError
-from atlasmap.protocols import FrozenState, SurgeryTarget
+from atlasmap.protocols import CellSource, FrozenState, SurgeryTarget
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,67 @@ def freeze(plan: QuerySurgery, opts: SurgeryOptions) -> dict[str, Any]:
             "trainable": [name for name, p in plan.module.named_parameters() if p.requires_grad]}
 
 
+def init_from_closest_batches(module: SurgeryTarget, cells: CellSource, registry: Registry,
+                              added: dict[str, tuple[str, ...]], *, max_cells: int = 1000,
+                              seed: int = 0) -> dict[str, str]:
+    """Start each new batch from the reference batch that explains its cells best, instead of from random
+    values: for every new batch, the negative ELBO of (up to ``max_cells`` of) its cells is computed as if
+    they belonged to each reference batch in turn, and the rows of the best one are copied into the new
+    batch's rows of every table of the batch covariate (all layers, heads, per-batch parameters). This is
+    scPoli's idea of initialising new conditions from the closest known one; before any query training the
+    query then embeds as well as the closest reference batch allows.
+
+    Returns ``{new batch: reference batch it starts from}``. Needs the new blocks of :func:`extend` and the
+    query's cells (with their new codes); the module is changed in place (its new rows only).
+    """
+    new = added.get(registry.batch_key, ())
+    if not new:
+        return {}
+    names = registry.categories[registry.batch_key]
+    n_ref = len(names) - len(new)
+    codes = cells.fields["cat"][:, 0].numpy()
+    device = next(module.parameters()).device
+    rng = np.random.default_rng(seed)
+    tables = module.covariate_tables(0)
+    chosen: dict[str, str] = {}
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for j, name in enumerate(new):
+            code = n_ref + j
+            rows = np.flatnonzero(codes == code)
+            if rows.size > max_cells:
+                rows = np.sort(rng.choice(rows, max_cells, replace=False))
+            batch = cells.batch(rows, device)
+            scores = []
+            for ref_code in range(n_ref):
+                as_ref = dict(batch)
+                as_ref["cat"] = batch["cat"].clone()
+                as_ref["cat"][:, 0] = ref_code
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed)  # the same latent noise for every candidate
+                    terms = module.loss(as_ref, 1.0)
+                scores.append(float((terms.reconstruction + terms.kl).mean()))
+            best = int(np.argmin(scores))
+            for table in tables:
+                _copy_row(table, best, code)
+            chosen[name] = names[best]
+    module.train(was_training)
+    return chosen
+
+
+def _copy_row(table: nn.Module, source: int, target: int) -> None:
+    """Row ``target`` of a :class:`~atlasmap.nn.layers.CovariateTable` := row ``source`` (whichever blocks)."""
+    values = table.table()[source].detach().clone()
+    offset = 0
+    for block in table.blocks:
+        if target < offset + block.shape[0]:
+            block.data[target - offset] = values
+            return
+        offset += block.shape[0]
+    raise IndexError(f"row {target} is beyond the table")
+
+
 def add_category_blocks(module: SurgeryTarget, n_new: list[int]) -> list[nn.Parameter]:
     """Add a block of ``n_new[j]`` rows to every table of covariate ``j``; return the new parameters."""
     new_params: list[nn.Parameter] = []
@@ -204,4 +266,4 @@ def _released(module: SurgeryTarget, opts: SurgeryOptions) -> list[nn.Parameter]
 
 
 __all__ = ["QuerySurgery", "SurgeryOptions", "add_category_blocks", "apply_freezing", "extend", "freeze",
-           "frozen_state", "record", "restore_freezing", "surgery_options"]
+           "frozen_state", "init_from_closest_batches", "record", "restore_freezing", "surgery_options"]

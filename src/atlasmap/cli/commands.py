@@ -117,7 +117,7 @@ def _cmd_map_backed(args: argparse.Namespace) -> None:
     query = _read_input(args, "query")
     t0 = time.perf_counter()
     model = type(reference).load_query_data(query, reference, batch_key=args.batch_key,
-                                            min_gene_overlap=args.min_gene_overlap,
+                                            min_gene_overlap=args.min_gene_overlap, layer=args.layer,
                                             var_names_column=args.var_names_column, unfrozen=args.unfrozen)
     model.train(**_train_kwargs(args))
     t_train = time.perf_counter() - t0
@@ -147,7 +147,7 @@ def cmd_map(args: argparse.Namespace) -> None:
     training_query = without_query_labels(reference, query) if args.ignore_query_labels else query
     model = type(reference).load_query_data(training_query, reference,
                                             batch_key=args.batch_key,
-                                            min_gene_overlap=args.min_gene_overlap,
+                                            min_gene_overlap=args.min_gene_overlap, layer=args.layer,
                                             var_names_column=args.var_names_column, unfrozen=args.unfrozen)
     model.train(**_train_kwargs(args))
     t_train = time.perf_counter() - t0

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--reference", required=True, metavar="MODEL_DIR")
     mp.add_argument("-o", "--output", required=True, metavar="OUT.h5ad")
     mp.add_argument("--batch-key", help="query obs column of the batch, if named differently from the reference's")
+    mp.add_argument("--layer", help="query layer with the raw counts, if it differs from the reference's (default: the "
+                                    "reference's, or the one layer / .raw holding counts, said in a warning)")
     mp.add_argument("--model-out", metavar="DIR", help="also save the query model here")
     mp.add_argument("--with-reference", metavar="REF.h5ad",
                     help="include these reference cells in OUT.h5ad (obs['atlasmap_dataset'])")

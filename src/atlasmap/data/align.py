@@ -244,7 +244,8 @@ def new_categories(adata: Any, registry: Registry, key_map: dict[str, str] | Non
                 )
             col = obs_column(adata, key_map[key], kind="batch")
         else:
-            col = obs_column(adata, key_map.get(key, key), kind="categorical covariate")
+            kind = "batch" if key == registry.batch_key else "categorical covariate"
+            col = obs_column(adata, key_map.get(key, key), kind=kind)
         seen = pd.unique(col.astype(str))
         known = set(registry.categories[key])
         out[key] = tuple(c for c in seen if c not in known)

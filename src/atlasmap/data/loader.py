@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasmap.data.align import align_genes, continuous_matrix, encode_categories, reorder_genes
-from atlasmap.data.registry import Registry, check_anndata, get_counts
+from atlasmap.data.registry import Registry, check_anndata, find_counts, get_counts
 from atlasmap.errors import InputError
 
 #: Materialise counts densely when they take at most this many bytes as float32.
@@ -230,8 +230,9 @@ def prepare_cells(
     kwargs: dict[str, Any] = {"var_names_column": var_names_column}
     if min_gene_overlap is not None:
         kwargs["min_overlap"] = min_gene_overlap
-    alignment = align_genes(adata.var, registry.var_names, **kwargs)
-    counts = get_counts(adata, registry.layer)
+    source = find_counts(adata, registry.layer)  # the model's layer, or the one place holding counts
+    alignment = align_genes(source.var(adata), registry.var_names, **kwargs)
+    counts = get_counts(adata, registry.layer, source=source)
     counts = reorder_genes(counts, alignment)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     if (totals <= 0).any():

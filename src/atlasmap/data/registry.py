@@ -7,6 +7,7 @@ and immutable; surgery makes an extended copy.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlasmap.errors import InputError
+from atlasmap.errors import InputError, arg
 
 _MAX_EXAMPLES = 3
 #: Registry key of the batch when a model is set up with ``batch_key=None`` (one batch, category "0").
@@ -155,10 +156,39 @@ def check_unique_names(names: pd.Index, what: str, *, fix: str) -> None:
         )
 
 
+#: Words in ``.obs`` column names that usually hold a batch (for the suggestion when the batch key is missing).
+_BATCH_WORDS = ("batch", "sample", "donor", "library", "lane", "run", "plate", "patient", "individual", "ident",
+                "dataset", "study", "replicate", "chip", "channel")
+
+
+def batch_like_columns(adata: Any) -> list[str]:
+    """``.obs`` columns that could hold a batch: text or categorical, 2 to half-the-cells values, those whose
+    name reads like a batch first (in the order of :data:`_BATCH_WORDS`: ``batch``, ``sample``, ``donor``, ...)."""
+    n = adata.n_obs
+    found = []
+    for col in adata.obs.columns:
+        values = adata.obs[col]
+        if not (isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object
+                or pd.api.types.is_string_dtype(values.dtype)):
+            continue
+        n_values = values.nunique(dropna=True)
+        if 2 <= n_values <= max(2, n // 2):
+            ranks = [i for i, word in enumerate(_BATCH_WORDS) if word in str(col).lower()]
+            found.append((min(ranks, default=len(_BATCH_WORDS)), str(col)))
+    return [col for _, col in sorted(found)]
+
+
 def obs_column(adata: Any, key: str, *, kind: str) -> pd.Series:
     if key not in adata.obs.columns:
         cols = ", ".join(map(repr, list(adata.obs.columns)[:10])) or "none"
-        raise InputError(f"{kind} key {key!r} is not a column of adata.obs (columns: {cols}).")
+        hint = ""
+        if kind == "batch":
+            likely = batch_like_columns(adata)
+            if likely:
+                shown = ", ".join(f"{c!r} ({adata.obs[c].nunique()} values)" for c in likely[:4])
+                hint = (f" Columns that could hold the batch: {shown}; pass {arg('batch_key', likely[0])} if it is "
+                        f"{likely[0]!r}.")
+        raise InputError(f"{kind} key {key!r} is not a column of adata.obs (columns: {cols}).{hint}")
     col = adata.obs[key]
     if col.isna().any():
         n = int(col.isna().sum())
@@ -189,16 +219,121 @@ def continuous_values(adata: Any, key: str) -> np.ndarray:
     return values
 
 
-def get_counts(adata: Any, layer: str | None) -> sp.csr_matrix:
+@dataclass(frozen=True)
+class CountsSource:
+    """Where an AnnData's raw counts are: ``.X`` (``kind="X"``), ``.layers[key]`` or ``.raw.X``."""
+
+    kind: str = "X"
+    key: str | None = None
+
+    @property
+    def where(self) -> str:
+        return {"X": "adata.X", "raw": "adata.raw.X"}.get(self.kind, f"adata.layers[{self.key!r}]")
+
+    @property
+    def layer(self) -> str | None:
+        return self.key if self.kind == "layer" else None
+
+    def matrix(self, adata: Any) -> Any:
+        """The matrix (``None`` where ``adata`` has none: no ``.X``, or no such layer)."""
+        if self.kind == "raw":
+            return adata.raw.X
+        return adata.X if self.kind == "X" else adata.layers.get(self.key)
+
+    def var(self, adata: Any) -> pd.DataFrame:
+        """The genes of this matrix (``.raw`` has its own)."""
+        return adata.raw.var if self.kind == "raw" else adata.var
+
+
+_COUNTS_PROBE = 1 << 16  # stored values looked at to tell counts from normalised data
+
+
+def _probe(matrix: Any) -> np.ndarray | None:
+    """The first stored values of a matrix (``None`` for what is not a numeric matrix)."""
+    if matrix is None:
+        return None
+    if sp.issparse(matrix):  # the stored values (formats without a data array, dok / lil, via coo)
+        values = matrix.data if matrix.format in ("csr", "csc", "coo", "bsr") else sp.coo_matrix(matrix).data
+    else:
+        values = np.asarray(matrix[: max(1, _COUNTS_PROBE // max(matrix.shape[1], 1))])
+    values = np.asarray(values).ravel()[:_COUNTS_PROBE]
+    return values if values.dtype.kind in "biuf" else None
+
+
+def _holds_counts(matrix: Any) -> bool:
+    """A quick look: the first stored values are finite, non-negative integers (not a validation)."""
+    values = _probe(matrix)
+    return values is not None and bool(np.isfinite(values).all() and (values >= 0).all()
+                                       and (values == np.round(values)).all())
+
+
+def _holds_transformed_data(matrix: Any) -> bool:
+    """Normalised, log-transformed or scaled values rather than counts with a few bad entries: most of the
+    first stored values are not non-negative integers."""
+    values = _probe(matrix)
+    if values is None or not values.size:
+        return False
+    finite = values[np.isfinite(values)]
+    return float(np.mean((finite != np.round(finite)) | (finite < 0))) > 0.5 if finite.size else True
+
+
+def count_sources(adata: Any) -> list[CountsSource]:
+    """Every place of ``adata`` that looks like raw counts (``.X``, each layer, ``.raw.X``)."""
+    sources = [CountsSource("X")] + [CountsSource("layer", str(k)) for k in adata.layers]
+    if getattr(adata, "raw", None) is not None:
+        sources.append(CountsSource("raw"))
+    return [s for s in sources if _holds_counts(s.matrix(adata))]
+
+
+def find_counts(adata: Any, layer: str | None) -> CountsSource:
+    """Where to read ``adata``'s counts for a model that reads ``layer``: there, unless it is missing or holds
+    transformed data (normalised / log / scaled values, not counts with a few bad entries); then the one other
+    place that holds counts (``.X``, a layer or ``.raw.X``), with a warning naming it. With none or several
+    such places, the requested one (whose validation then says what is wrong and where the counts seem to be)."""
+    requested = CountsSource("X") if layer is None else CountsSource("layer", layer)
+    if (layer is not None and layer not in adata.layers) or (layer is None and adata.X is None):
+        found = count_sources(adata)
+    else:
+        if not _holds_transformed_data(requested.matrix(adata)):
+            return requested  # counts (a few bad values there are reported by the validation, naming the cell)
+        found = [s for s in count_sources(adata) if s != requested]
+    if len(found) == 1:
+        if layer is not None and layer not in adata.layers:
+            problem = f"has no layer {layer!r}"
+        else:
+            problem = "has no adata.X (None)" if adata.X is None else f"{requested.where} does not hold raw counts"
+        warnings.warn(f"the data {problem}; reading the raw counts from {found[0].where}, the one place that holds "
+                      f"them ({arg('layer', found[0].key) if found[0].kind == 'layer' else 'pass them in .X'} to "
+                      "choose it explicitly).", UserWarning, stacklevel=4)
+        return found[0]
+    return requested
+
+
+def get_counts(adata: Any, layer: str | None, *, source: CountsSource | None = None) -> sp.csr_matrix:
     """Return the raw counts as a float32 CSR matrix, after checking they are counts.
 
-    The caller's matrix is never modified: the result is a new matrix, or, for input that already is
-    canonical float32 CSR, shares its arrays read-only (writes raise instead of reaching the input).
+    ``source`` (from :func:`find_counts`) overrides ``layer``. The caller's matrix is never modified: the
+    result is a new matrix, or, for input that already is canonical float32 CSR, shares its arrays
+    read-only (writes raise instead of reaching the input). A failed check names the places of ``adata``
+    that do hold counts.
     """
-    matrix, where = counts_matrix(adata, layer)
+    if source is None:
+        matrix, where = counts_matrix(adata, layer)
+        var_names = adata.var_names
+    else:
+        matrix, where = counts_matrix(adata, source.layer) if source.kind != "raw" else (adata.raw.X, source.where)
+        var_names, layer = source.var(adata).index, source.layer
     if hasattr(matrix, "to_memory"):  # backed sparse dataset
         matrix = matrix.to_memory()
-    return validate_counts(matrix, where=where, obs_names=adata.obs_names, var_names=adata.var_names, layer=layer)
+    try:
+        return validate_counts(matrix, where=where, obs_names=adata.obs_names, var_names=var_names, layer=layer)
+    except InputError as err:
+        elsewhere = [s for s in count_sources(adata) if s.where != where]
+        if not elsewhere:
+            raise
+        layers = [s for s in elsewhere if s.kind == "layer"]
+        fix = f": pass {arg('layer', layers[0].key)}." if layers else "."
+        raise InputError(f"{err} Raw counts seem to be in {' and '.join(s.where for s in elsewhere)}{fix}") from None
 
 
 def check_counts(adata: Any, layer: str | None) -> None:
@@ -222,7 +357,8 @@ def counts_matrix(adata: Any, layer: str | None) -> tuple[Any, str]:
     else:
         if layer not in adata.layers:
             keys = ", ".join(map(repr, adata.layers.keys())) or "none"
-            raise InputError(f"layer {layer!r} is not in adata.layers (layers: {keys}).")
+            raise InputError(f"layer {layer!r} is not in adata.layers (layers: {keys}); pass {arg('layer')} with the "
+                             "layer that holds the raw counts.")
         matrix, where = adata.layers[layer], f"adata.layers[{layer!r}]"
     if matrix is None:
         raise InputError(f"{where} is empty (None); put the raw counts there or pass layer=.")
@@ -281,14 +417,14 @@ def validate_counts(
         raise InputError(
             f"{where} holds {int(neg.sum())} negative values{_where_first(names, matrix, neg, csr)}; "
             "atlasmap models raw counts (non-negative integers)."
-            + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
+            + ("" if layer else f" Pass {arg('layer', 'counts')} if the counts are in a layer.")
         )
     if values.dtype.kind == "f" and _any_chunked(values, lambda v: v != np.round(v)):
         frac = values != np.round(values)
         raise InputError(
             f"{where} holds non-integer values{_where_first(names, matrix, frac, csr, show_value=True)}; "
             "atlasmap models raw counts, not normalised or log-transformed data."
-            + ("" if layer else " Pass layer='counts' if the counts are in a layer.")
+            + ("" if layer else f" Pass {arg('layer', 'counts')} if the counts are in a layer.")
         )
     if values.size and float(values.max()) > 2**24:
         raise InputError(

@@ -8,6 +8,8 @@ the classes.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +23,7 @@ from atlasmap import surgery
 from atlasmap.data.backed import is_backed, prepare_backed_cells
 from atlasmap.data.loader import CellData, minibatches, prepare_cells
 from atlasmap.data.registry import Registry
-from atlasmap.errors import InputError, NotTrainedError
+from atlasmap.errors import InputError, NotTrainedError, arg
 from atlasmap.models.interop import from_scvi_tools
 from atlasmap.models.persistence import load_model, save_model
 from atlasmap.runtime import resolve_device
@@ -177,8 +179,22 @@ class BaseModel:
         The model itself, with :attr:`history` extended.
         """
         cells = self._cells(training=True)
-        if max_epochs is None:  # not `max_epochs or ...`: max_epochs=0 must be refused, not replaced
+        if max_epochs is None:  # not `max_epochs or ...`: max_epochs=0 means no training
             max_epochs = self._default_max_epochs(cells.n_cells)
+        if max_epochs == 0 and self.surgery:
+            # the Census way: embed the query right after surgery (new blocks as initialised); the model
+            # moves to the device asked for, as training would move it
+            self.to_device(device)
+            return self
+        if max_epochs == 0:
+            raise InputError(f"{arg('max_epochs', 0)} trains nothing, and a reference model must be trained; "
+                             f"give {arg('max_epochs')} at least 1 (0 is for query models: embed right after surgery).")
+        if self.surgery and not any(p.requires_grad for p in self.module.parameters()):
+            raise InputError(
+                "this query model has nothing to train: the query holds only categories the reference knows, so "
+                f"surgery added no parameters. Embed it as it is with {arg('max_epochs', 0)} (the reference's "
+                f"own latent space), or fine-tune every weight with {arg('unfrozen', True)} in load_query_data "
+                "(the reference latent then changes).")
         config = TrainConfig(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, n_epochs_kl_warmup=n_epochs_kl_warmup, train_size=train_size,
@@ -274,8 +290,9 @@ class BaseModel:
 
     @classmethod
     def load_query_data(cls, adata: Any, reference: BaseModel | str | Path, *, batch_key: str | None = None,
-                        min_gene_overlap: float | None = None, var_names_column: str | None = None,
-                        seed: int = 0, **options: Any) -> BaseModel:
+                        layer: str | None = None, min_gene_overlap: float | None = None,
+                        var_names_column: str | None = None, batch_init: str = "random", seed: int = 0,
+                        **options: Any) -> BaseModel:
         """Map a query onto a reference by scArches architectural surgery (:mod:`atlasmap.surgery`).
 
         Parameters
@@ -287,12 +304,20 @@ class BaseModel:
         batch_key
             Query ``.obs`` column holding the batch, when it is named differently from the reference's
             batch key (required when the reference was set up without a batch key).
+        layer
+            Query layer holding the raw counts, when it differs from the reference's (by default the
+            reference's; where that does not hold counts, the one layer or ``.raw`` that does, with a warning).
         min_gene_overlap
             Fraction of reference genes the query must have (default 0.5).
         var_names_column
             Match the query's genes to the reference's by this ``.var`` column (e.g. ``"gene_ids"``) instead
             of ``var_names``. By default ``var_names`` are used, or a ``.var`` column that matches clearly
             more of the reference's genes, with a warning naming it; Ensembl version suffixes are ignored.
+        batch_init
+            How new batches start: ``"random"`` (scArches; default) or ``"closest"``: from the reference batch
+            whose parameters explain each new batch's cells best (lowest negative ELBO), see
+            :func:`atlasmap.surgery.init_from_closest_batches` — useful when mapping without query training
+            (``max_epochs=0``) and as a start of it.
         seed
             Seeds the initialisation of the new blocks.
         **options
@@ -303,6 +328,8 @@ class BaseModel:
         A model of the reference's class on the query, ready for ``.train()``.
         """
         opts = surgery_options(options)
+        if batch_init not in ("random", "closest"):
+            raise InputError(f"batch_init must be 'random' or 'closest'; got {batch_init!r}.")
         if isinstance(reference, str | Path):
             reference = load_model(reference)
         if not isinstance(reference, cls):
@@ -311,14 +338,25 @@ class BaseModel:
         reference._check_trained()
         plan = surgery.extend(reference.module, reference.registry, adata, key_map=reference.key_map,
                               batch_key=batch_key, seed=seed)
-        query = type(reference)._from_parts(adata=adata, registry=plan.registry, module=plan.module, history={},
+        if not any(plan.added.values()) and not opts.unfrozen:
+            warnings.warn(
+                "the query holds only categories the reference knows: surgery adds no parameters, so there is "
+                f"nothing to train by default. Embed the query as it is with {arg('max_epochs', 0)} in train(), "
+                f"or fine-tune every weight with {arg('unfrozen', True)} (the reference latent then changes).",
+                UserWarning, stacklevel=2)
+        registry = plan.registry if layer is None else dataclasses.replace(plan.registry, layer=layer)
+        query = type(reference)._from_parts(adata=adata, registry=registry, module=plan.module, history={},
                                             is_trained=False, key_map=plan.key_map,
                                             surgery=surgery.record(plan, opts), extra=reference._extra_state())
         query.min_gene_overlap = min_gene_overlap
         query.var_names_column = var_names_column
         cells = query._cells(training=True)  # validates the query now, before any training
-        query._init_new_batches(cells, plan.added)
+        started_from = {}
+        if batch_init == "closest":
+            started_from = surgery.init_from_closest_batches(plan.module, cells, registry, plan.added, seed=seed)
+        query._init_new_batches(cells, plan.added)  # model-specific per-batch state (priors from the query's data)
         query.surgery = surgery.freeze(plan, opts)
+        query.surgery["batch_init"] = {"method": batch_init, "started_from": started_from}
         query.is_trained = reference.is_trained  # reference weights are trained; new blocks start random
         return query
 
