@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -518,3 +519,21 @@ def test_normalization_module_types(ref_adata: Any) -> None:
     ln = atlasmap.SCVI(ref_adata, batch_key="batch", **SMALL).module
     assert all(isinstance(n, nn.BatchNorm1d) for n in [*bn.encoder.norms, *bn.decoder.norms])
     assert all(isinstance(n, nn.LayerNorm) for n in [*ln.encoder.norms, *ln.decoder.norms])
+
+
+def test_closest_batch_init_starts_a_renamed_batch_exactly_where_the_reference_had_it(ref_model: Any,
+                                                                                      ref_adata: Any) -> None:
+    """A query batch that *is* a reference batch under another name: the closest-batch start finds it and the
+    query embeds, before any training, exactly as the reference embeds those cells; a random start does not."""
+    cells = ref_adata[ref_adata.obs["batch"] == "batch1"].copy()
+    renamed = cells.copy()
+    renamed.obs["batch"] = pd.Categorical(["batch1-again"] * renamed.n_obs)
+    query = atlasmap.SCVI.load_query_data(renamed, ref_model, batch_init="closest")
+    assert query.surgery["batch_init"] == {"method": "closest", "started_from": {"batch1-again": "batch1"}}
+    assert np.array_equal(query.get_latent_representation(), ref_model.get_latent_representation(cells))
+    assert np.array_equal(query.get_latent_representation(ref_adata), ref_model.get_latent_representation())
+    random = atlasmap.SCVI.load_query_data(renamed, ref_model)
+    assert not np.allclose(random.get_latent_representation(), ref_model.get_latent_representation(cells))
+    assert random.surgery["batch_init"]["method"] == "random"
+    with pytest.raises(atlasmap.InputError, match="batch_init must be"):
+        atlasmap.SCVI.load_query_data(renamed, ref_model, batch_init="nearest")

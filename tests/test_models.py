@@ -189,7 +189,8 @@ def test_no_early_stopping_runs_all_epochs(ref_adata: Any) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"max_epochs": 0}, "max_epochs must be at least 1"),
+    ({"max_epochs": 0}, "max_epochs=0 trains nothing, and a reference model must be trained"),
+    ({"max_epochs": -1}, "max_epochs must be at least 1"),
     ({"batch_size": 1}, "batch_size must be at least 2"),
     ({"train_size": 0.0}, r"train_size must be in \(0, 1\]"),
     ({"lr": -1.0}, "lr must be positive"),

@@ -118,7 +118,8 @@ def _cmd_map_backed(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = type(reference).load_query_data(query, reference, batch_key=args.batch_key,
                                             min_gene_overlap=args.min_gene_overlap, layer=args.layer,
-                                            var_names_column=args.var_names_column, unfrozen=args.unfrozen)
+                                            var_names_column=args.var_names_column, batch_init=args.batch_init,
+                                            unfrozen=args.unfrozen)
     model.train(**_train_kwargs(args))
     t_train = time.perf_counter() - t0
     write_latent(model, query, args.output, overwrite=args.overwrite,
@@ -148,7 +149,8 @@ def cmd_map(args: argparse.Namespace) -> None:
     model = type(reference).load_query_data(training_query, reference,
                                             batch_key=args.batch_key,
                                             min_gene_overlap=args.min_gene_overlap, layer=args.layer,
-                                            var_names_column=args.var_names_column, unfrozen=args.unfrozen)
+                                            var_names_column=args.var_names_column, batch_init=args.batch_init,
+                                            unfrozen=args.unfrozen)
     model.train(**_train_kwargs(args))
     t_train = time.perf_counter() - t0
     joint = joint_embedding(model, query, ref_adata)

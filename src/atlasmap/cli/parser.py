@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "var_names, or a .var column that matches clearly more reference genes, said in a warning; "
                          "Ensembl version suffixes are ignored)")
     mp.add_argument("--unfrozen", action="store_true", help="fine-tune all weights (reference latent changes)")
+    mp.add_argument("--batch-init", choices=["random", "closest"], default="random",
+                    help="how new batches start: random (scArches) or closest: from the reference batch that explains "
+                         "each new batch's cells best (lowest ELBO); useful with --epochs 0")
     mp.add_argument("--report", metavar="DIR",
                     help="write a report to DIR: UMAP, training curves and, with labels (--knn-labels or a "
                          "scANVI reference), metrics (scIB + accuracy) and the confusion matrix")
