@@ -19,8 +19,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_mapping import KANG  # noqa: E402
@@ -88,12 +86,11 @@ def main() -> None:
         for epochs in EPOCHS:
             rs = [r for r in runs if r["start"] == start and r["epochs"] == epochs]
             to = ", ".join(str(r.get("epochs_to_random_final", "–")) for r in rs) if epochs == EPOCHS[-1] else ""
-            print(f"| {start} | {epochs} | {statistics.mean(r['elbo_query'] for r in rs):.2f} | "
-                  f"{', '.join(f'{r['knn_accuracy']:.3f}' for r in rs)} (mean "
+            accuracies = ", ".join(f"{r['knn_accuracy']:.3f}" for r in rs)
+            print(f"| {start} | {epochs} | {statistics.mean(r['elbo_query'] for r in rs):.2f} | {accuracies} (mean "
                   f"{statistics.mean(r['knn_accuracy'] for r in rs):.3f}) | {to} |")
     print(f"\nseeds {args.seeds}; reference {ref.n_obs} ctrl cells ({args.ref_epochs} epochs), query {query.n_obs} "
           f"stim cells; results: {args.out}")
-    np.asarray(0)
 
 
 if __name__ == "__main__":
