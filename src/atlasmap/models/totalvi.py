@@ -351,7 +351,7 @@ class TOTALVI(BaseModel):
             raise InputError(f"n_samples must be at least 1, got {n_samples}.")
         if library_size != "latent" and not isinstance(library_size, int | float):
             raise InputError(f"library_size must be a number or 'latent', got {library_size!r}.")
-        cells = self._cells(adata)
+        cells = self._cells(adata, what="totalVI's denoised / imputed outputs")
         device = self._device()
         codes = self._batch_codes(transform_batch)
         batch_masks = self._batch_mask_matrix().to(device)  # batches x proteins
