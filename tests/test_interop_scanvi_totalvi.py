@@ -146,9 +146,14 @@ def test_totalvi_matches_scvi_tools(name: str, cite: ad.AnnData) -> None:
             continue
         value = ours[key].expand(expected[key].shape).numpy()
         assert np.abs(value - expected[key]).max() <= 1e-5 * max(1.0, float(np.abs(expected[key]).max())), key
-    # the deterministic normalised RNA at the posterior mean (library size 1)
-    rna_out, _ = model.get_normalized_expression(ref, return_numpy=True)
+    # normalised expression at the posterior mean: RNA (library size 1) and protein foreground at the median
+    # background exp(alpha), where measured (atlasmap imputes the proteins a batch did not measure)
+    rna_out, protein = model.get_normalized_expression(ref, return_numpy=True)
     assert np.abs(rna_out - expected["px_scale"]).max() <= 1e-6
+    scvi_protein = (np.exp(expected["py_back_alpha"]) * expected["py_fore_scale"]
+                    / (1.0 + np.exp(expected["py_mixing"])))
+    measured = model.get_protein_mask(ref).to_numpy()
+    assert np.allclose(protein[measured], scvi_protein[measured], rtol=1e-5, atol=1e-5)
 
 
 def test_totalvi_variants_are_mapped() -> None:
