@@ -16,9 +16,12 @@ import torch
 
 from atlasmap import datasets
 from atlasmap.data.backed import read_backed
+from atlasmap.data.minified import is_minified
 from atlasmap.errors import AtlasmapError
 from atlasmap.io.format import read_config
-from atlasmap.models import from_scvi_tools, load_model
+from atlasmap.io.scvi_tools import HUB_ADATA_FILE, hub_directory, is_scvi_tools_save
+from atlasmap.models import from_scvi_tools, load_reference
+from atlasmap.models.scanvi import SCANVI
 from atlasmap.models.scvi import SCVI
 from atlasmap.models.totalvi import TOTALVI
 from atlasmap.runtime import describe_device, set_backed_options
@@ -113,7 +116,7 @@ def _cmd_map_backed(args: argparse.Namespace) -> None:
     if unsupported:
         raise AtlasmapError(f"{', '.join(unsupported)} cannot be combined with --backed (they need all cells in "
                             "memory); map with --backed, then run them on the mapped output.")
-    reference = load_model(args.reference)
+    reference = _load_reference(args, attach_saved_adata=False)
     query = _read_input(args, "query")
     t0 = time.perf_counter()
     model = type(reference).load_query_data(query, reference, batch_key=args.batch_key,
@@ -137,13 +140,27 @@ def cmd_map(args: argparse.Namespace) -> None:
     for path in (out, Path(args.model_out) if args.model_out else None):
         if path is not None and path.exists() and not args.overwrite:
             raise AtlasmapError(f"{path} already exists; pass --overwrite to replace it.")
-    if args.knn_labels and not args.with_reference:
-        raise AtlasmapError("--knn-labels needs --with-reference REF.h5ad (the labelled reference cells).")
     if args.backed:
         return _cmd_map_backed(args)
-    reference = load_model(args.reference)
+    if args.knn_labels and not args.with_reference and not is_scvi_tools_save(args.reference):
+        raise AtlasmapError("--knn-labels needs --with-reference REF.h5ad (the labelled reference cells).")
+    reference = _load_reference(args, attach_saved_adata=not args.with_reference)
     query = read_h5ad(args.adata, what="query")
     ref_adata = read_h5ad(args.with_reference, what="reference") if args.with_reference else None
+    if ref_adata is None and is_scvi_tools_save(args.reference):
+        ref_adata = reference.adata
+        if ref_adata is not None:
+            kind = ("minified: their latent stored by scvi-tools, no counts" if is_minified(ref_adata)
+                    else "with counts")
+            print(f"reference cells: {ref_adata.n_obs} from {Path(args.reference) / HUB_ADATA_FILE} ({kind})",
+                  flush=True)
+    if args.knn_labels and ref_adata is None:
+        raise AtlasmapError(f"--knn-labels needs the labelled reference cells: {args.reference} has no "
+                            f"{HUB_ADATA_FILE}; pass --with-reference REF.h5ad.")
+    if args.unfrozen and ref_adata is not None and is_minified(ref_adata):
+        raise AtlasmapError("--unfrozen changes the reference cells' latent, and the reference AnnData is minified (no "
+                            "counts to recompute it from): map without --unfrozen, or pass the full reference AnnData "
+                            "with --with-reference.")
     t0 = time.perf_counter()
     training_query = without_query_labels(reference, query) if args.ignore_query_labels else query
     model = type(reference).load_query_data(training_query, reference,
@@ -156,8 +173,13 @@ def cmd_map(args: argparse.Namespace) -> None:
     joint = joint_embedding(model, query, ref_adata)
     summary: dict[str, Any] = {"query_cells": int(query.n_obs), "train_seconds": round(t_train, 2),
                                "new_categories": model.surgery["new_categories"]}
+    if ref_adata is not None and is_minified(ref_adata):
+        summary["reference_minified"] = True  # reference cells: stored latent, zero counts
     if args.knn_labels:
-        summary["knn"] = knn_transfer(joint, args.knn_labels, k=args.knn_k, uncertainty_threshold=args.knn_threshold)
+        unlabeled = (reference.unlabeled_category
+                     if isinstance(reference, SCANVI) and args.knn_labels == reference.labels_key else None)
+        summary["knn"] = knn_transfer(joint, args.knn_labels, k=args.knn_k, uncertainty_threshold=args.knn_threshold,
+                                      unlabeled_category=unlabeled)
     labels_summary = predict_labels(model, joint, query, ref_adata, key_added=args.key_added)
     if labels_summary is not None:
         summary["scanvi_labels"] = labels_summary
@@ -189,6 +211,14 @@ def cmd_map(args: argparse.Namespace) -> None:
             if labels_summary["query_cells_labelled_in_training"]:
                 line += " (those labels were used in training; see --ignore-query-labels)"
         print(line)
+
+
+def _load_reference(args: argparse.Namespace, *, attach_saved_adata: bool) -> Any:
+    """``--reference``: an atlasmap model directory, or a scvi-tools one imported on the fly (said on stdout)."""
+    reference, imported = load_reference(args.reference, attach_saved_adata=attach_saved_adata)
+    if imported:
+        print(f"imported scvi-tools {type(reference).__name__} model from {args.reference}", flush=True)
+    return reference
 
 
 def _knn_accuracy_text(knn: dict[str, Any]) -> str:
@@ -270,11 +300,31 @@ def cmd_import_scvi(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise AtlasmapError(f"{out} already exists; pass --overwrite to replace it.")
-    model = from_scvi_tools(args.scvi_dir, prefix=args.prefix)
+    model = from_scvi_tools(args.scvi_dir, prefix=args.prefix, attach_saved_adata=False)
     model.save(out, overwrite=args.overwrite)
-    cats = ", ".join(f"{k}: {len(v)}" for k, v in model.registry.categories.items())
+    cats = "; ".join(f"{k}: {len(v)} ({_first(v)})" for k, v in model.registry.categories.items())
     print(f"imported scvi-tools {type(model).__name__} ({model.registry.n_vars} genes, "
-          f"n_latent={model.module.config.n_latent}; categories {cats}) -> {out}")
+          f"n_latent={model.module.config.n_latent}) -> {out}")
+    print(f"  categories: {cats}")
+    if isinstance(model, SCANVI):
+        print(f"  labels ({len(model.labels)}) from obs[{model.labels_key!r}]: {_first(model.labels)}; unlabeled "
+              f"category {model.unlabeled_category!r}")
+    if isinstance(model, TOTALVI):
+        missing = {b: [p for p, m in zip(model.protein_names, mask, strict=True) if not m]
+                   for b, mask in model.batch_protein_mask.items() if not all(mask)}
+        print(f"  proteins ({len(model.protein_names)}) from obsm[{model.protein_expression_obsm_key!r}]: "
+              f"{_first(model.protein_names)}" + (f"; not measured: {missing}" if missing else ""))
+    saved = hub_directory(args.scvi_dir, prefix=args.prefix).adata_path
+    if model.stored_latent is not None:
+        print(f"  minified: the reference cells' latent is stored in obsm[{model.stored_latent.qzm_key!r}] of "
+              f"{saved or 'its adata.h5ad'} (use it as --with-reference, or map with --reference {args.scvi_dir})")
+    elif saved is not None:
+        print(f"  its reference cells ({saved}) are not copied; use them as --with-reference")
+
+
+def _first(names: Any, n: int = 6) -> str:
+    names = [str(x) for x in names]
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

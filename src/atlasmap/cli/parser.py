@@ -83,14 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("map", help="map QUERY.h5ad onto a reference model",
                         description="Surgery on a saved reference, query training, latent in .obsm['X_atlasmap'].")
     mp.add_argument("adata", metavar="QUERY.h5ad")
-    mp.add_argument("--reference", required=True, metavar="MODEL_DIR")
+    mp.add_argument("--reference", required=True, metavar="MODEL_DIR",
+                    help="an atlasmap model directory, or a scvi-tools one (model.pt of SCVI, SCANVI or TOTALVI; "
+                         "plain or scvi-hub layout), imported on the fly; a hub directory's adata.h5ad (minified or "
+                         "not) is then the reference cells unless --with-reference is given")
     mp.add_argument("-o", "--output", required=True, metavar="OUT.h5ad")
     mp.add_argument("--batch-key", help="query obs column of the batch, if named differently from the reference's")
     mp.add_argument("--layer", help="query layer with the raw counts, if it differs from the reference's (default: the "
                                     "reference's, or the one layer / .raw holding counts, said in a warning)")
     mp.add_argument("--model-out", metavar="DIR", help="also save the query model here")
     mp.add_argument("--with-reference", metavar="REF.h5ad",
-                    help="include these reference cells in OUT.h5ad (obs['atlasmap_dataset'])")
+                    help="include these reference cells in OUT.h5ad (obs['atlasmap_dataset']); a minified scvi-hub "
+                         "AnnData (no counts) contributes its stored latent")
     mp.add_argument("--knn-labels", metavar="KEY", help="transfer obs[KEY] from --with-reference cells by kNN")
     mp.add_argument("--knn-k", type=int, default=15, help="neighbours voting in the kNN transfer (default 15)")
     mp.add_argument("--knn-threshold", type=float, default=0.5, metavar="U",
@@ -153,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL_DIR")
 
     imp = sub.add_parser("import-scvi", help="convert a scvi-tools model directory (model.pt) to an atlasmap model",
-                         description="Import a reference saved by scvi-tools without executing code from its "
-                                     "model.pt; architectures atlasmap cannot represent are refused.")
-    imp.add_argument("scvi_dir", metavar="DIR", help="directory written by scvi-tools' model.save")
+                         description="Import a reference saved by scvi-tools (SCVI, SCANVI, TOTALVI; plain or "
+                                     "scvi-hub layout) without executing code from its model.pt; architectures "
+                                     "atlasmap cannot represent are refused.")
+    imp.add_argument("scvi_dir", metavar="DIR", help="directory written by scvi-tools' model.save (or scvi-hub)")
     imp.add_argument("-o", "--output", required=True, metavar="MODEL_DIR")
     imp.add_argument("--prefix", default=None, help="file-name prefix given to scvi-tools' save, if any")
     imp.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR if it exists")

@@ -4,10 +4,10 @@ Importing this package registers the three classes in :data:`atlasmap.models.reg
 fixed list a saved model's class is chosen from.
 """
 
-from atlasmap.models.interop import from_scvi_tools
+from atlasmap.models.interop import from_scvi_tools, load_reference
 from atlasmap.models.persistence import load_model, save_model
 from atlasmap.models.scanvi import SCANVI
 from atlasmap.models.scvi import SCVI
 from atlasmap.models.totalvi import TOTALVI
 
-__all__ = ["SCANVI", "SCVI", "TOTALVI", "from_scvi_tools", "load_model", "save_model"]
+__all__ = ["SCANVI", "SCVI", "TOTALVI", "from_scvi_tools", "load_model", "load_reference", "save_model"]

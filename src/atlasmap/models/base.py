@@ -22,6 +22,7 @@ from torch import nn
 from atlasmap import surgery
 from atlasmap.data.backed import is_backed, prepare_backed_cells
 from atlasmap.data.loader import CellData, minibatches, prepare_cells
+from atlasmap.data.minified import StoredLatent, is_minified, minified_error, read_stored_latent
 from atlasmap.data.registry import Registry
 from atlasmap.errors import InputError, NotTrainedError, arg
 from atlasmap.models.interop import from_scvi_tools
@@ -44,6 +45,10 @@ class BaseModel:
         The torch module.
     history
         Per-epoch training records (lists keyed by metric name), appended by every ``train`` call.
+    stored_latent
+        Where a minified AnnData (scvi-hub) of this model's reference keeps the reference cells' latent
+        (``None``: the model has none). Set by ``from_scvi_tools`` for models saved minified; query models
+        keep it, because surgery leaves the reference latent unchanged.
     """
 
     _module_cls: ClassVar[type[nn.Module]]
@@ -58,21 +63,25 @@ class BaseModel:
     surgery: dict[str, Any] | None
     min_gene_overlap: float | None
     var_names_column: str | None
+    stored_latent: StoredLatent | None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def _from_parts(cls, *, adata: Any, registry: Registry, module: nn.Module, history: dict | None = None,
                     is_trained: bool = False, key_map: dict[str, str] | None = None,
-                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> BaseModel:
+                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    stored_latent: StoredLatent | None = None) -> BaseModel:
         self = cls.__new__(cls)
         self._init_parts(adata=adata, registry=registry, module=module, history=history, is_trained=is_trained,
-                         key_map=key_map, surgery=surgery, extra=extra)
+                         key_map=key_map, surgery=surgery, extra=extra, stored_latent=stored_latent)
         return self
 
     def _init_parts(self, *, adata: Any, registry: Registry, module: nn.Module, history: dict | None = None,
                     is_trained: bool = False, key_map: dict[str, str] | None = None,
-                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                    surgery: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    stored_latent: StoredLatent | None = None) -> None:
         self.adata = adata
+        self.stored_latent = stored_latent
         self.registry = registry
         self.module = module
         self.history = dict(history or {})
@@ -104,12 +113,15 @@ class BaseModel:
         return default_max_epochs(n_cells)
 
     # ------------------------------------------------------------------ data
-    def _cells(self, adata: Any = None, *, training: bool = False) -> CellData:
-        """Validated, aligned tensors of ``adata`` (default: the model's own AnnData, cached)."""
+    def _cells(self, adata: Any = None, *, training: bool = False, what: str | None = None) -> CellData:
+        """Validated, aligned tensors of ``adata`` (default: the model's own AnnData, cached). ``what`` names the
+        computation in the error for a minified AnnData (which has no counts)."""
         own = adata is None or adata is self.adata
         adata = self.adata if adata is None else adata
         if adata is None:
             raise InputError("this model was loaded without data; pass adata= (an AnnData with the model's genes).")
+        if is_minified(adata):
+            raise minified_error(what or ("training" if training else "this computation"))
         if own and self._cells_cache is not None and self._cells_cache[0] == id(adata):
             return self._cells_cache[1]
         # an AnnData opened backed (read_backed / read_h5ad(backed="r")) is streamed from disk in chunks
@@ -178,7 +190,7 @@ class BaseModel:
         -------
         The model itself, with :attr:`history` extended.
         """
-        cells = self._cells(training=True)
+        cells = self._cells(training=True, what="training")
         if max_epochs is None:  # not `max_epochs or ...`: max_epochs=0 means no training
             max_epochs = self._default_max_epochs(cells.n_cells)
         if max_epochs == 0 and self.surgery:
@@ -204,6 +216,8 @@ class BaseModel:
         )
         self.history = train_module(self.module, cells, config, self.history)
         self.is_trained = True
+        if not self.surgery:  # the reference weights changed: a minified AnnData's stored latent is stale now
+            self.stored_latent = None
         return self
 
     # ------------------------------------------------------------------ outputs
@@ -224,8 +238,17 @@ class BaseModel:
             categories must be known to the model (map new batches with ``load_query_data``).
         give_mean
             Return the posterior mean; otherwise one sample of q(z|x).
+
+        A minified AnnData (scvi-hub reference without counts) gives the posterior stored in its ``.obsm``.
         """
         self._check_trained()
+        source = self.adata if adata is None else adata
+        if source is not None and is_minified(source):
+            qzm, qzv = self._stored_latent(source)
+            if give_mean:
+                return qzm
+            noise = torch.randn(qzm.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).numpy()
+            return (qzm + np.sqrt(qzv) * noise).astype(np.float32)
         cells = self._cells(adata)
         device = self._device()
         self.module.eval()
@@ -253,11 +276,33 @@ class BaseModel:
             Seeds the latent samples of the reconstruction term.
         """
         self._check_trained()
-        cells = self._cells(adata, training=True)  # with log x!, so the NLL is the full count likelihood
+        cells = self._cells(adata, training=True, what="get_elbo")  # with log x!: the full count likelihood
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             totals = evaluate_loss(self.module, cells, np.arange(cells.n_cells), 1.0, self._device(), batch_size)
         return float(totals[1] + totals[2]) / cells.n_cells
+
+    def _stored_latent(self, adata: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance stored in a minified ``adata`` of this model's reference cells.
+
+        Refused (:class:`InputError`) when this model cannot vouch for it: it has no record of a stored latent,
+        the AnnData belongs to another model, or the model is a query whose surgery let the reference latent
+        change (``unfrozen``, ``freeze_expression=False``, unfrozen encoder batch norm).
+        """
+        opts = (self.surgery or {}).get("options") or {}
+        stacks = self.module.surgery_stacks()["encoder"] if self.surgery else []
+        encoder_bn = any(isinstance(n, nn.BatchNorm1d) for stack in stacks for n in stack.norms)
+        changed = [flag for flag, moved in (("unfrozen=True", opts.get("unfrozen", False)),
+                                            ("freeze_expression=False", not opts.get("freeze_expression", True)),
+                                            ("freeze_batchnorm_encoder=False",
+                                             encoder_bn and not opts.get("freeze_batchnorm_encoder", True)))
+                   if moved]
+        if changed:
+            raise InputError(f"this query model was mapped with {', '.join(changed)}, which changes the reference "
+                             "cells' latent: the latent stored in the minified reference AnnData is out of date, and "
+                             "recomputing it needs the reference counts. Map with the default surgery options, or "
+                             "pass the full reference AnnData.")
+        return read_stored_latent(adata, self.stored_latent, self.module.config.n_latent)
 
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
@@ -347,7 +392,8 @@ class BaseModel:
         registry = plan.registry if layer is None else dataclasses.replace(plan.registry, layer=layer)
         query = type(reference)._from_parts(adata=adata, registry=registry, module=plan.module, history={},
                                             is_trained=False, key_map=plan.key_map,
-                                            surgery=surgery.record(plan, opts), extra=reference._extra_state())
+                                            surgery=surgery.record(plan, opts), extra=reference._extra_state(),
+                                            stored_latent=reference.stored_latent)
         query.min_gene_overlap = min_gene_overlap
         query.var_names_column = var_names_column
         cells = query._cells(training=True)  # validates the query now, before any training
@@ -366,7 +412,8 @@ class BaseModel:
 
         The result gives scvi-tools' latent (to float rounding) and maps queries with
         ``load_query_data``; architectures atlasmap cannot represent are refused with
-        :class:`~atlasmap.errors.ModelFileError`. See :mod:`atlasmap.io.scvi_tools`.
+        :class:`~atlasmap.errors.ModelFileError`. See :mod:`atlasmap.io.scvi_tools`. A scvi-hub directory's
+        ``adata.h5ad`` is attached when ``adata`` is not given (a minified one supplies its stored latent).
         """
         return from_scvi_tools(dir_path, adata, prefix=prefix, expected=cls)
 

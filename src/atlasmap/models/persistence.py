@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from atlasmap.data.minified import StoredLatent
 from atlasmap.data.registry import Registry
 from atlasmap.errors import InputError, ModelFileError
 from atlasmap.io.format import (
@@ -46,6 +47,7 @@ def model_record(model: BaseModel) -> dict[str, Any]:
         "is_trained": model.is_trained,
         "extra": model._extra_state(),
         "history": model.history,
+        "stored_latent": None if model.stored_latent is None else model.stored_latent.to_dict(),
     }
 
 
@@ -99,6 +101,7 @@ def load_model(dir_path: str | Path, adata: Any = None, *, expected: type | None
             adata=adata, registry=registry, module=module, history=config.get("history") or {},
             is_trained=bool(config.get("is_trained", True)), key_map=config.get("key_map") or {},
             surgery=config.get("surgery"), extra=config.get("extra") or {},
+            stored_latent=StoredLatent.from_dict(config.get("stored_latent")),
         )
         if model.surgery:
             restore_freezing(module, model.surgery)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from atlasmap.data.loader import CellData, minibatches
+from atlasmap.data.minified import is_minified
 from atlasmap.data.registry import obs_column
 from atlasmap.errors import InputError, ModelFileError
 from atlasmap.models.base import check_choice
@@ -320,7 +321,8 @@ class SCANVI(SCVI):
         ----------
         adata
             Cells to label (default: the model's AnnData). Its batches must be known to the model (map new
-            batches with ``load_query_data`` first). Never modified.
+            batches with ``load_query_data`` first). A minified AnnData (scvi-hub) is labelled from its stored
+            latent. Never modified.
         soft
             Return the probability of every label instead of the most probable one.
         batch_size
@@ -332,14 +334,22 @@ class SCANVI(SCVI):
         probabilities whose rows sum to 1 (``soft=True``).
         """
         self._check_trained()
-        cells = self._cells(adata)
+        source = self.adata if adata is None else adata
         device = self._device()
         self.module.eval()
-        probs = np.empty((cells.n_cells, len(self.labels)), dtype=np.float32)
-        for rows in minibatches(cells.n_cells, batch_size, shuffle=False):
-            logits = self.module.classify(cells.batch(rows, device))
-            probs[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
-        obs_names = (self.adata if adata is None else adata).obs_names
+        if source is not None and is_minified(source):  # classify the stored posterior mean (scvi-hub)
+            latent = torch.from_numpy(self._stored_latent(source)[0])
+            probs = np.empty((latent.shape[0], len(self.labels)), dtype=np.float32)
+            for rows in minibatches(latent.shape[0], batch_size, shuffle=False):
+                logits = self.module.classifier(latent[rows].to(device))
+                probs[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
+        else:
+            cells = self._cells(adata)
+            probs = np.empty((cells.n_cells, len(self.labels)), dtype=np.float32)
+            for rows in minibatches(cells.n_cells, batch_size, shuffle=False):
+                logits = self.module.classify(cells.batch(rows, device))
+                probs[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
+        obs_names = source.obs_names
         if soft:
             return pd.DataFrame(probs, index=obs_names, columns=list(self.labels))
         best = probs.argmax(axis=1)

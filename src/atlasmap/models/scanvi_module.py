@@ -53,6 +53,8 @@ class SCANVIConfig(SCVIConfig):
     linear_classifier: bool = False
     classification_ratio: float = 50.0
     label_prior: Literal["uniform", "empirical"] = "uniform"
+    #: added to the variance of p(z1 | z2, y); scvi-tools' ``Decoder`` adds none (imported models: 0)
+    z1_var_eps: float = _VAR_EPS
 
 
 def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class SCANVIModule(SCVIModule):
         z2 = qz2_m + qz2_v.sqrt() * torch.randn_like(qz2_m)
         h = self.decoder_z1_z2(z2, codes, None)
         pz1_m = self.z1_mean(h)
-        pz1_v = torch.exp(self.z1_var(h)) + _VAR_EPS
+        pz1_v = torch.exp(self.z1_var(h)) + self.config.z1_var_eps
         return -normal_log_prob(z1, pz1_m, pz1_v), kl_normal_standard(qz2_m, qz2_v)
 
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:

@@ -165,7 +165,7 @@ class SCVI(BaseModel):
             Subset of genes to return.
         """
         self._check_trained()
-        cells = self._cells(adata)
+        cells = self._cells(adata, what="normalised expression")
         device = self._device()
         batch_codes = self._batch_codes(transform_batch)
         gene_idx = self._gene_indices(gene_list)

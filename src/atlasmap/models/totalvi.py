@@ -18,6 +18,7 @@ from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
 from atlasmap.models.base import NORM_CHOICES, BaseModel, check_choice
 from atlasmap.models.registry import register_model
+from atlasmap.models.scvi import library_log_priors
 from atlasmap.models.scvi_module import NormWhere
 from atlasmap.models.totalvi_module import DEFAULT_BACKGROUND_MEAN, TOTALVIConfig, TOTALVIModule
 
@@ -285,11 +286,17 @@ class TOTALVI(BaseModel):
             ref_rows = n_batch - n_new
             fallback = (self.module.prior_back_mean.table()[:ref_rows].mean(0),
                         self.module.prior_back_log_scale.table()[:ref_rows].mean(0))
-            for table in self.module.batch_tables()[2:]:
+            for table in self.module.dispersion_tables():
                 average = table.table()[:ref_rows].mean(0)
                 for b in new:
                     _set_row(table, b, average)
+            if self.module.config.protein_batch_efficiency:  # new batches start at efficiency 1 (scvi-tools)
+                for b in new:
+                    _set_row(self.module.log_efficiency, b, torch.zeros(self.module.config.n_proteins))
         self._init_background_priors(cells, new, fallback=fallback)
+        if not self.module.config.use_observed_lib_size:
+            means, variances = library_log_priors(cells, n_batch, new)
+            self.module.extend_batch_buffers(means, variances)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -344,7 +351,7 @@ class TOTALVI(BaseModel):
             raise InputError(f"n_samples must be at least 1, got {n_samples}.")
         if library_size != "latent" and not isinstance(library_size, int | float):
             raise InputError(f"library_size must be a number or 'latent', got {library_size!r}.")
-        cells = self._cells(adata)
+        cells = self._cells(adata, what="totalVI's denoised / imputed outputs")
         device = self._device()
         codes = self._batch_codes(transform_batch)
         batch_masks = self._batch_mask_matrix().to(device)  # batches x proteins

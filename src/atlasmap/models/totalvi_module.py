@@ -19,6 +19,7 @@ per-batch dispersions, per-batch background priors): surgery extends them all in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +66,17 @@ class TOTALVIConfig:
     deeply_inject_covariates: bool = True
     use_layer_norm: NormWhere = "both"
     use_batch_norm: NormWhere = "none"
+    #: learn the RNA library size (an encoder and a per-batch log-normal prior, as scvi-tools'
+    #: ``use_observed_lib_size=False``) instead of using the observed count total
+    use_observed_lib_size: bool = True
+    #: a per-batch, per-protein capture efficiency multiplying both protein rates in the likelihood, with a
+    #: LogNormal(0, 1) prior (scvi-tools' ``log_per_batch_efficiency``)
+    protein_batch_efficiency: bool = False
+    #: how unmeasured proteins enter the encoder: ``"masked"`` (a fixed per-protein fill value; the per-cell
+    #: protein mean over measured proteins; excluded from every protein term of the loss) or ``"zero"``
+    #: (scvi-tools: zero counts, included in the protein mean and in the mixing prior; excluded from the
+    #: likelihood and the background KL)
+    unmeasured_proteins: Literal["masked", "zero"] = "masked"
 
     @property
     def n_layers(self) -> int:
@@ -119,6 +131,20 @@ class TOTALVIModule(CVAEModule):
         )
         self.z_mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
         self.z_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        if cfg.unmeasured_proteins not in ("masked", "zero"):
+            raise ValueError(f"unknown unmeasured_proteins {cfg.unmeasured_proteins!r}")
+        if not cfg.use_observed_lib_size:
+            # one layer on the encoder's input, as scvi-tools' EncoderTOTALVI.l_gene_encoder
+            self.l_encoder = FCStack(
+                cfg.n_genes + cfg.n_proteins, cfg.n_hidden, 1, n_categories=enc_cats, n_continuous=enc_cont,
+                deep_injection=cfg.deeply_inject_covariates, dropout_rate=cfg.dropout_rate_encoder,
+                **_norm_flags(cfg, "encoder"),
+            )
+            self.l_mean = nn.Linear(cfg.n_hidden, 1)
+            self.l_var = nn.Linear(cfg.n_hidden, 1)
+            # log-normal library prior per batch, filled from data by the model class
+            self.register_buffer("library_log_means", torch.zeros(cats[0]))
+            self.register_buffer("library_log_vars", torch.ones(cats[0]))
 
         def body() -> FCStack:
             return FCStack(
@@ -162,6 +188,10 @@ class TOTALVIModule(CVAEModule):
         with torch.no_grad():
             self.prior_back_mean.blocks[0].fill_(DEFAULT_BACKGROUND_MEAN)
             self.prior_back_log_scale.blocks[0].zero_()
+        if cfg.protein_batch_efficiency:
+            self.log_efficiency = CovariateTable(cats[0], cfg.n_proteins, init_bound=None)
+            with torch.no_grad():
+                self.log_efficiency.blocks[0].zero_()
         # encoder input of unmeasured proteins (the reference average, set by the model)
         self.register_buffer("protein_fill", torch.zeros(cfg.n_proteins))
 
@@ -177,8 +207,15 @@ class TOTALVIModule(CVAEModule):
         return tables
 
     def batch_tables(self) -> list[CovariateTable]:
-        """The per-batch parameter tables that are not layer weights (priors, dispersions)."""
-        tables = [self.prior_back_mean, self.prior_back_log_scale]
+        """The per-batch parameter tables that are not layer weights (priors, dispersions, efficiency)."""
+        tables = [self.prior_back_mean, self.prior_back_log_scale, *self.dispersion_tables()]
+        if self.config.protein_batch_efficiency:
+            tables.append(self.log_efficiency)
+        return tables
+
+    def dispersion_tables(self) -> list[CovariateTable]:
+        """The per-batch dispersion tables (``gene-batch`` / ``protein-batch``)."""
+        tables = []
         if self.config.gene_dispersion == "gene-batch":
             tables.append(self.px_r_batch)
         if self.config.protein_dispersion == "protein-batch":
@@ -187,8 +224,15 @@ class TOTALVIModule(CVAEModule):
 
     def surgery_stacks(self) -> dict[str, list[FCStack]]:
         """The encoder and decoder stacks, for surgery options that act on first layers and norms."""
-        return {"encoder": [self.encoder],
+        encoders = [self.encoder] if self.config.use_observed_lib_size else [self.encoder, self.l_encoder]
+        return {"encoder": encoders,
                 "decoder": [self.decoder, self.background_decoder, self.foreground_decoder, self.mixing_decoder]}
+
+    def extend_batch_buffers(self, log_means: torch.Tensor, log_vars: torch.Tensor) -> None:
+        """Append library priors of new batches (``use_observed_lib_size=False`` only)."""
+        if not self.config.use_observed_lib_size:
+            self.library_log_means = torch.cat([self.library_log_means, log_means.to(self.library_log_means)])
+            self.library_log_vars = torch.cat([self.library_log_vars, log_vars.to(self.library_log_vars)])
 
     def _heads(self) -> list[InjectedLinear]:
         heads = [self.px_scale, self.px_dropout, self.back_mean, self.back_scale, self.fore_scale, self.mixing]
@@ -203,6 +247,8 @@ class TOTALVIModule(CVAEModule):
         """
         x_in = torch.log1p(x / (1.0 + x.mean(1, keepdim=True)))
         y_obs = torch.where(y_mask, y, torch.zeros_like(y))
+        if self.config.unmeasured_proteins == "zero":  # scvi-tools: zero counts, in the mean like the others
+            return torch.cat([x_in, torch.log1p(y_obs / (1.0 + y_obs.mean(1, keepdim=True)))], dim=-1)
         n_obs = y_mask.sum(1, keepdim=True).clamp(min=1).to(y.dtype)
         y_in = torch.log1p(y_obs / (1.0 + y_obs.sum(1, keepdim=True) / n_obs))
         y_in = torch.where(y_mask, y_in, self.protein_fill.expand_as(y_in))
@@ -210,11 +256,20 @@ class TOTALVIModule(CVAEModule):
 
     def inference(self, batch: dict[str, torch.Tensor], *, sample: bool = True) -> dict[str, torch.Tensor]:
         x, cat, cont = batch["x"], batch["cat"], batch["cont"]
-        h = self.encoder(self.encoder_input(x, batch["y"], batch["y_mask"]), cat, cont)
+        enc_in = self.encoder_input(x, batch["y"], batch["y_mask"])
+        h = self.encoder(enc_in, cat, cont)
         qz_m = self.z_mean(h)
         qz_v = torch.exp(self.z_var(h)) + _VAR_EPS
         z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
-        return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": torch.log(x.sum(1, keepdim=True))}
+        out = {"qz_m": qz_m, "qz_v": qz_v, "z": z}
+        if self.config.use_observed_lib_size:
+            out["library"] = torch.log(x.sum(1, keepdim=True))
+        else:  # log library ~ q(l | x, y, s), clamped at 15 as in scvi-tools
+            hl = self.l_encoder(enc_in, cat, cont)
+            ql_m, ql_v = self.l_mean(hl), torch.exp(self.l_var(hl)) + _VAR_EPS
+            log_l = ql_m + ql_v.sqrt() * torch.randn_like(ql_m) if sample else ql_m
+            out.update(ql_m=ql_m, ql_v=ql_v, library=torch.clamp(log_l, max=15.0))
+        return out
 
     def generative(
         self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor, *, sample: bool = True
@@ -251,7 +306,11 @@ class TOTALVIModule(CVAEModule):
         # the RNA term through the fused NB/ZINB likelihood (compiled kernel on CPU), as scVI's
         pi = gen["px_dropout"] if self.config.gene_likelihood == "zinb" else None
         rec_rna = nb_nll(x, gen["px_rate"], gen["theta"], pi, log_x_fact=batch.get("log_x_fact"))
-        logp_pro = log_nb_mixture(y, gen["rate_back"], gen["rate_fore"], gen["py_theta"], gen["mixing"])
+        rate_back, rate_fore = gen["rate_back"], gen["rate_fore"]
+        if self.config.protein_batch_efficiency:
+            efficiency = torch.exp(self.log_efficiency(cat[:, 0]))
+            rate_back, rate_fore = efficiency * rate_back, efficiency * rate_fore
+        logp_pro = log_nb_mixture(y, rate_back, rate_fore, gen["py_theta"], gen["mixing"])
         rec_pro = -self._masked_sum(logp_pro, mask)
         kl_z = kl_normal_standard(inf["qz_m"], inf["qz_v"])
         b = cat[:, 0]
@@ -260,9 +319,19 @@ class TOTALVIModule(CVAEModule):
             kl_normal_elementwise(gen["back_mean"], gen["back_scale"].pow(2), self.prior_back_mean(b), prior_var),
             mask,
         )
-        mixing_prior = -_MIXING_PRIOR_WEIGHT * self._masked_sum(F.logsigmoid(gen["mixing"]), mask)
-        loss = torch.mean(rec_rna + kl_weight * (rec_pro + kl_z + kl_back + mixing_prior))
-        return LossTerms(loss=loss, reconstruction=rec_rna + rec_pro, kl=kl_z + kl_back,
+        log_sig = F.logsigmoid(gen["mixing"])
+        mixing_prior = -_MIXING_PRIOR_WEIGHT * (log_sig.sum(-1) if self.config.unmeasured_proteins == "zero"
+                                                else self._masked_sum(log_sig, mask))
+        prior_terms = kl_back + mixing_prior
+        if self.config.protein_batch_efficiency:  # -log LogNormal(exp(e); 0, 1) = e + e^2 / 2 + log(2 pi) / 2
+            log_eff = self.log_efficiency(b)
+            prior_terms = prior_terms + (log_eff + 0.5 * log_eff.pow(2) + 0.5 * math.log(2.0 * math.pi)).sum(-1)
+        kl_l = torch.zeros_like(kl_z)
+        if not self.config.use_observed_lib_size:
+            kl_l = kl_normal_elementwise(inf["ql_m"], inf["ql_v"], self.library_log_means[b].unsqueeze(-1),
+                                         self.library_log_vars[b].unsqueeze(-1)).sum(-1)
+        loss = torch.mean(rec_rna + kl_weight * (rec_pro + kl_z + prior_terms) + kl_l)
+        return LossTerms(loss=loss, reconstruction=rec_rna + rec_pro, kl=kl_z + kl_back + kl_l,
                          extra={"reconstruction_rna": rec_rna, "reconstruction_protein": rec_pro,
                                 "kl_z": kl_z, "kl_background": kl_back})
 

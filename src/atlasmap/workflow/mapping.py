@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from atlasmap.data.backed import is_backed
+from atlasmap.data.minified import is_minified
 from atlasmap.errors import InputError
-from atlasmap.models import load_model
+from atlasmap.models import load_reference
 from atlasmap.runtime import is_main_process
 from atlasmap.workflow.knn import transfer_labels
 
@@ -74,7 +75,9 @@ def map_query(
     adata_query
         Query AnnData (raw counts). Not modified.
     reference
-        A trained model of any atlasmap class, or its saved directory.
+        A trained model of any atlasmap class, its saved directory, or a scvi-tools model directory (plain or
+        scvi-hub layout: imported on the fly; its ``adata.h5ad``, minified or not, is then the default
+        ``adata_reference``).
     batch_key
         Query batch column, if named differently from the reference's.
     max_epochs
@@ -90,7 +93,9 @@ def map_query(
     """
 
     if isinstance(reference, str | Path):
-        reference = load_model(reference)
+        reference, imported = load_reference(reference, attach_saved_adata=adata_reference is None)
+        if imported and adata_reference is None:
+            adata_reference = reference.adata
     model = type(reference).load_query_data(adata_query, reference, batch_key=batch_key, **(surgery_kwargs or {}))
     model.train(max_epochs, **(train_kwargs or {}))
     return model, joint_embedding(model, adata_query, adata_reference, key_added=key_added)
@@ -101,7 +106,8 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
     """A new AnnData of the query (and, if given, the reference) cells with the latent in ``obsm[key_added]``.
 
     The inputs are not modified. With a reference, ``obs['atlasmap_dataset']`` is ``reference``/``query``
-    and only the genes both share are kept in ``X``.
+    and only the genes both share are kept in ``X``. A minified reference (scvi-hub, no counts) contributes its
+    stored latent; model outputs that need counts (totalVI's proteins) are NaN (False for masks) for its cells.
     """
     import anndata as ad
 
@@ -119,7 +125,11 @@ def joint_embedding(model: Any, adata_query: Any, adata_reference: Any = None, *
         return query
     reference = adata_reference.copy()
     reference.obsm[key_added] = model.get_latent_representation(adata_reference)
-    for a, extra in ((reference, _model_obsm_outputs(model, adata_reference)), (query, query_extra)):
+    if is_minified(adata_reference):  # no counts: no decoded outputs for its cells
+        reference_extra = {key: _missing_like(frame, adata_reference.obs_names) for key, frame in query_extra.items()}
+    else:
+        reference_extra = _model_obsm_outputs(model, adata_reference)
+    for a, extra in ((reference, reference_extra), (query, query_extra)):
         a.obsm = {key_added: a.obsm[key_added], **extra}  # other embeddings are not comparable across the two
         a.varm = {}
         a.obsp = {}
@@ -134,6 +144,13 @@ def _model_obsm_outputs(model: Any, adata: Any) -> dict[str, Any]:
     """Further per-cell outputs of models that have them, keyed by ``.obsm`` slot (totalVI: denoised and
     imputed proteins, foreground probability, measured mask)."""
     return dict(model.obsm_outputs(adata))
+
+
+def _missing_like(frame: Any, obs_names: Any) -> pd.DataFrame:
+    """A frame with ``frame``'s columns for cells whose values are unknown: NaN, or False for boolean masks."""
+    frame = pd.DataFrame(frame)
+    fill = {c: False if frame[c].dtype == bool else np.nan for c in frame.columns}
+    return pd.DataFrame({c: np.full(len(obs_names), v) for c, v in fill.items()}, index=obs_names)[list(frame.columns)]
 
 
 def joint_batch_column(joint: Any, adata_reference: Any, adata_query: Any, reference_key: str | None,
@@ -155,7 +172,7 @@ def joint_batch_column(joint: Any, adata_reference: Any, adata_query: Any, refer
 
 def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncertainty_threshold: float = 0.5,
                  key_added: str = "atlasmap", use_rep: str = LATENT_KEY, kernel: str = "gaussian",
-                 unknown_label: str = "Unknown") -> dict[str, Any]:
+                 unknown_label: str = "Unknown", unlabeled_category: str | None = None) -> dict[str, Any]:
     """Transfer ``obs[labels_key]`` from reference to query cells of ``joint`` (in place) by weighted kNN.
 
     A thin wrapper of :func:`atlasmap.workflow.knn.transfer_labels` on a joint AnnData (``obs['atlasmap_dataset']``
@@ -163,6 +180,9 @@ def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncert
     ``obs[f"{key_added}_{labels_key}"]``, ``obs[f"{key_added}_{labels_key}_uncertainty"]`` and
     ``obsm[f"{key_added}_{labels_key}_proba"]``. The generic ``{key_added}_label`` names are left to the
     model's own predictions (SCANVI). Reference cells keep their own label, uncertainty 0.
+
+    ``unlabeled_category`` (e.g. a scANVI reference's ``"Unknown"``): reference cells with that value of the
+    first labels key are unlabelled: they do not vote, and query cells with it have no truth for the accuracy.
 
     Returns
     -------
@@ -178,10 +198,18 @@ def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncert
     for key in keys:
         if key not in joint.obs.columns:
             raise InputError(f"labels key {key!r} is not a column of the reference's .obs.")
-    transfer_labels(joint, labels_keys=keys, use_rep=use_rep, k=k, uncertainty_threshold=uncertainty_threshold,
-                    unknown_label=unknown_label, kernel=kernel, key_added=key_added, dataset_key=DATASET_KEY,
-                    label_alias=False)
     is_query = (joint.obs[DATASET_KEY].astype(str) == "query").to_numpy()
+    original = joint.obs[keys[0]]
+    unlabeled = (original.astype(str) == str(unlabeled_category)).to_numpy() if unlabeled_category is not None \
+        else np.zeros(joint.n_obs, dtype=bool)
+    if unlabeled.any():  # unlabelled reference cells do not vote (the column is restored below)
+        joint.obs[keys[0]] = original.astype(object).where(~unlabeled, np.nan)
+    try:
+        transfer_labels(joint, labels_keys=keys, use_rep=use_rep, k=k, uncertainty_threshold=uncertainty_threshold,
+                        unknown_label=unknown_label, kernel=kernel, key_added=key_added, dataset_key=DATASET_KEY,
+                        label_alias=False)
+    finally:
+        joint.obs[keys[0]] = original
     predicted = joint.obs[f"{key_added}_{keys[0]}"].astype(object).to_numpy()[is_query]
     proba = joint.obsm[f"{key_added}_{keys[0]}_proba"]
     summary: dict[str, Any] = {"labels_key": keys[0], "k": int(joint.uns[f"{key_added}_label_transfer"]["k"]),
@@ -189,7 +217,7 @@ def knn_transfer(joint: Any, labels_key: str | list[str], *, k: int = 15, uncert
                                "fraction_unknown": float(np.mean(predicted == unknown_label)) if is_query.any()
                                else 0.0}
     truth = joint.obs[keys[0]].to_numpy(dtype=object)[is_query]
-    has_truth = pd.notna(truth)
+    has_truth = pd.notna(truth) & ~unlabeled[is_query]
     if has_truth.any():
         truth = truth[has_truth].astype(str)
         argmax = np.asarray(proba.columns, dtype=object)[np.asarray(proba)[is_query].argmax(1)][has_truth]

@@ -25,7 +25,7 @@ import torch
 
 from atlasmap.data.backed import is_backed, make_readable, read_backed
 from atlasmap.errors import InputError
-from atlasmap.models import load_model
+from atlasmap.models import load_reference
 from atlasmap.runtime import is_main_process
 
 LATENT_KEY = "X_atlasmap"
@@ -191,7 +191,7 @@ def map_query_backed(
     if output.exists() and not overwrite:
         raise InputError(f"output {output} already exists; pass --overwrite (overwrite=True) to replace it.")
     if isinstance(reference, str | os.PathLike):
-        reference = load_model(reference)
+        reference = load_reference(reference, attach_saved_adata=False)[0]
     adata = query if is_backed(query) else read_backed(query, what="query")
     model = type(reference).load_query_data(adata, reference, batch_key=batch_key, **(surgery_kwargs or {}))
     model.train(max_epochs, **(train_kwargs or {}))

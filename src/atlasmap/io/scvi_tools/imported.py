@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from atlasmap.data.minified import StoredLatent
 from atlasmap.data.registry import Registry
 from atlasmap.io.scvi_tools.reader import ScviToolsCheckpoint
 
@@ -29,6 +30,10 @@ class ImportedModel:
         scvi-tools' ``is_trained_``.
     source
         The ``model.pt`` read.
+    stored_latent
+        Where the model's minified AnnData keeps the latent posterior (``None``: not saved minified).
+    adata_path
+        The ``adata.h5ad`` saved beside ``model.pt`` (scvi-hub layout, ``save_anndata=True``), if any.
     """
 
     model: str
@@ -37,6 +42,8 @@ class ImportedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     is_trained: bool = True
     source: Path | None = None
+    stored_latent: StoredLatent | None = None
+    adata_path: Path | None = None
 
 
 Converter = Callable[[ScviToolsCheckpoint], ImportedModel]

@@ -81,6 +81,16 @@ def scvi_module_from_checkpoint(ckpt: ScviToolsCheckpoint, registry: Registry, c
     """Build an atlasmap SCVI module holding exactly the weights of the scvi-tools ``VAE``."""
     module = module_cls(config)
     reader, writer = StateReader(ckpt.state, ckpt.path), ModuleWriter(module)
+    load_vae_weights(module, reader, writer, registry, config)
+    reader.check_all_used()
+    writer.check_all_written()
+    return module
+
+
+def load_vae_weights(module: SCVIModule, reader: StateReader, writer: ModuleWriter, registry: Registry,
+                     config: SCVIConfig) -> None:
+    """Copy the scvi-tools ``VAE`` part of a state (encoders, decoder, dispersion, library priors) into
+    ``module`` (an :class:`SCVIModule` or subclass); the caller checks that nothing is left over."""
     n_cat_list = registry.n_categories
     n_cont = len(registry.continuous_keys)
     bn = {part: config.use_batch_norm in (part, "both") for part in ("encoder", "decoder")}
@@ -117,9 +127,6 @@ def scvi_module_from_checkpoint(ckpt: ScviToolsCheckpoint, registry: Registry, c
         writer.set(module.px_r, reader.take("px_r", (config.n_genes,)))
     else:
         writer.set(module.px_r_batch.blocks[0], reader.take("px_r", (config.n_genes, registry.n_batch)).T)
-    reader.check_all_used()
-    writer.check_all_written()
-    return module
 
 
 @register_converter("SCVI")
@@ -132,4 +139,5 @@ def import_scvi(ckpt: ScviToolsCheckpoint) -> ImportedModel:
                          is_trained=bool(ckpt.attr.get("is_trained_", True)), source=ckpt.path)
 
 
-__all__ = ["VAE_DEFAULTS", "import_scvi", "scvi_config_from_checkpoint", "scvi_module_from_checkpoint"]
+__all__ = ["VAE_DEFAULTS", "import_scvi", "load_vae_weights", "scvi_config_from_checkpoint",
+           "scvi_module_from_checkpoint"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from atlasmap.errors import ModelFileError
-from atlasmap.nn.layers import FCStack
+from atlasmap.nn.layers import FCStack, InjectedLinear
 
 
 class StateReader:
@@ -178,6 +178,44 @@ def load_fc_stack(writer: ModuleWriter, stack: FCStack, reader: StateReader, pre
             writer.set(norm.num_batches_tracked, reader.take(f"{base}.1.num_batches_tracked", (), dtype=torch.int64))
     if reader.has(f"{prefix}.fc_layers.Layer {len(stack.layers)}.0.weight"):
         raise ModelFileError(f"{reader.path}: {prefix} has more layers than n_layers says.")
+
+
+def load_linear(writer: ModuleWriter, target: nn.Linear, reader: StateReader, prefix: str) -> None:
+    """Copy the ``nn.Linear`` at ``prefix`` (``.weight``, ``.bias``) into ``target`` (shapes checked)."""
+    writer.set(target.weight, reader.take(f"{prefix}.weight", tuple(target.weight.shape)))
+    writer.set(target.bias, reader.take(f"{prefix}.bias", tuple(target.bias.shape)))
+
+
+def load_injected_linear(writer: ModuleWriter, target: InjectedLinear, reader: StateReader, prefix: str, *,
+                         n_x: int, n_cont: int, n_cat_list: Sequence[int]) -> None:
+    """Fill an atlasmap :class:`~atlasmap.nn.layers.InjectedLinear` from a one-layer scvi-tools ``FCLayers``
+    without norm (``prefix.fc_layers.Layer 0.0``: a head such as totalVI's ``px_scale_decoder``) whose input is
+    ``[x (n_x), cont (n_cont), onehot(cat_1), ...]``."""
+    n_out = target.linear.out_features
+    base = f"{prefix}.fc_layers.Layer 0"
+    n_eff = sum(n for n in n_cat_list if n > 1)
+    weight = reader.take(f"{base}.0.weight", (n_out, n_x + n_cont + n_eff))
+    w_x, w_cont, tables = split_injected_weight(weight, n_x, n_cont, n_cat_list)
+    writer.set(target.linear.weight, w_x)
+    writer.set(target.linear.bias, reader.take(f"{base}.0.bias", (n_out,)))
+    if target.continuous is not None:
+        writer.set(target.continuous.weight, w_cont)
+    elif w_cont.shape[1]:
+        raise ModelFileError(f"internal: continuous covariates of {base} have no atlasmap target.")
+    if len(target.covariates) != len(tables):
+        raise ModelFileError(f"internal: {base} injects {len(tables)} covariates, atlasmap {len(target.covariates)}.")
+    for table, values in zip(target.covariates, tables, strict=True):
+        writer.set(table.blocks[0], values)
+    if reader.has(f"{prefix}.fc_layers.Layer 1.0.weight"):
+        raise ModelFileError(f"{reader.path}: {prefix} has more than one layer; atlasmap's head has one.")
+
+
+def count_fc_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of layers of the scvi-tools ``FCLayers`` at ``prefix`` (``prefix.fc_layers.Layer i.0.weight``)."""
+    n = 0
+    while f"{prefix}.fc_layers.Layer {n}.0.weight" in state:
+        n += 1
+    return n
 
 
 def norm_where(value: Any, name: str, path: Path) -> str:
