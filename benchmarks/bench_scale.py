@@ -73,7 +73,7 @@ def run_one(mode: str, query: Path, reference: Path, epochs: int, out: Path, chu
 
     import atlasmap
     from atlasmap.data.backed import read_backed, set_backed_options
-    from atlasmap.streaming import write_latent
+    from atlasmap.workflow.streaming import write_latent
 
     set_backed_options(chunk_size=chunk_size, shuffle_chunks=shuffle_chunks, prefetch=prefetch)
     t_import = time.perf_counter()

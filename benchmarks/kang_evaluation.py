@@ -3,7 +3,7 @@
 Both tools train the same scVI architecture (2 x 128 hidden, 10 latent, layer norm, no batch norm,
 covariates injected into every layer) on the control cells, map the stimulated cells by scArches surgery
 (frozen reference weights), and embed reference + query. Each joint latent then goes through the same
-atlasmap code: kNN label transfer (:func:`atlasmap.knn.transfer_labels`, k=15) and
+atlasmap code: kNN label transfer (:func:`atlasmap.workflow.knn.transfer_labels`, k=15) and
 :func:`atlasmap.evaluate` (scib-metrics). Only the latent differs.
 
 Each tool also runs the scArches scANVI recipe on the same split: the scVI reference above is fine-tuned
@@ -169,8 +169,8 @@ def evaluate_all(args: argparse.Namespace, names: list[str]) -> None:
     import anndata as ad
     import pandas as pd
 
-    from atlasmap.mapping import knn_transfer
-    from atlasmap.metrics import evaluate
+    from atlasmap.workflow.mapping import knn_transfer
+    from atlasmap.workflow.metrics import evaluate
 
     out = Path(args.out)
     columns = {}
