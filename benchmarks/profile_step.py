@@ -105,8 +105,8 @@ def main() -> None:
         print("\n| group | ms/step |\n|---|---:|")
         for g, ms in r["groups_ms_per_step"].items():
             print(f"| {g} | {ms:.2f} |")
-        # ctypes calls (the compiled kernels) and Python between operators are not PyTorch operators
-        print(f"| not seen by the profiler (compiled kernels via ctypes, Python) | "
+        # calls of the compiled kernels (atlasmap.ops._native) and Python between operators are not PyTorch operators
+        print(f"| not seen by the profiler (compiled kernels, Python) | "
               f"{r['cpu_ms_per_step'] - r['profiled_ms_per_step']:.2f} |")
         print("\n| top operator | ms/step | calls/step |\n|---|---:|---:|")
         for row in r["top_ops"]:

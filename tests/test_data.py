@@ -387,9 +387,9 @@ def test_gather_csr_rows_int64_indptr() -> None:
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_compiled_row_gather_matches_numpy(index_dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    from atlasmap.nn import kernel
+    from atlasmap import ops
 
-    if not kernel.available():
+    if not ops.available():
         pytest.skip("compiled kernel not built")
     rng = np.random.default_rng(4)
     csr = _random_csr(rng, 300, 517, 0.2)
@@ -404,12 +404,12 @@ def test_compiled_row_gather_matches_numpy(index_dtype: type, monkeypatch: pytes
 
 
 def test_layout_rule_prefers_the_smaller_copy() -> None:
-    from atlasmap.nn import kernel
+    from atlasmap import ops
 
     sparse_data = sp.random(1000, 1000, density=0.05, format="csr", dtype=np.float32, random_state=0)
     dense_data = sp.random(1000, 1000, density=0.9, format="csr", dtype=np.float32, random_state=0)
     assert loader.use_dense(dense_data)
-    assert loader.use_dense(sparse_data) is not kernel.available()
+    assert loader.use_dense(sparse_data) is not ops.available()
     assert not loader.use_dense(dense_data, dense_budget_bytes=1000)
 
 

@@ -27,6 +27,7 @@ from support import SMALL, simulate, split_by_batch
 from torch import nn
 
 import atlasmap
+from atlasmap import ops
 from atlasmap.data.loader import CellData
 from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
 from atlasmap.models.scvi_module import SCVIConfig, SCVIModule
@@ -175,9 +176,14 @@ def test_reference_step_on_fake_cuda_for_scanvi_classifier() -> None:
         assert devices_of([logits, nll, kl]) == {CUDA}
 
 
-def test_loader_minibatches_and_frozen_fields_on_fake_cuda() -> None:
+def test_loader_minibatches_and_frozen_fields_on_fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Everything a minibatch carries — counts, codes, library sizes, the frozen first layer's output —
-    arrives on the training device, whether the cells are CSR or dense and the rows contiguous or not."""
+    arrives on the training device, whether the cells are CSR or dense and the rows contiguous or not.
+    Host-held CSR rows are gathered on the host (the compiled gather, which allocates with numpy and so
+    works under the fake mode; the pure-torch gather's output size depends on the data)."""
+    if ops.native_module() is None:
+        pytest.skip("the host-side CSR gather under a fake-tensor mode needs the compiled kernels")
+    monkeypatch.delenv("ATLASMAP_KERNEL", raising=False)
     ref, query = split_by_batch(simulate(n_cells=160))
     reference = atlasmap.SCVI(ref, batch_key="batch", **SMALL)
     reference.is_trained = True

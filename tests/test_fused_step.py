@@ -16,11 +16,11 @@ import torch
 from support import SMALL, simulate, split_by_batch
 
 import atlasmap
+from atlasmap import ops
 from atlasmap.models import fused_step as fs
-from atlasmap.nn import kernel
 from atlasmap.train import TrainConfig, train_module, with_frozen_fields
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason="the compiled kernels are not installed")
+pytestmark = pytest.mark.skipif(not ops.available(), reason="the compiled kernels are not installed")
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +196,9 @@ def test_dropout_uniforms_seeded_and_uniform() -> None:
     from scipy import stats
 
     torch.manual_seed(3)
-    a, b = kernel.uniform(300, 700), kernel.uniform(300, 700)
+    a, b = ops.uniform(300, 700), ops.uniform(300, 700)
     torch.manual_seed(3)
-    assert torch.equal(kernel.uniform(300, 700), a)
+    assert torch.equal(ops.uniform(300, 700), a)
     assert not torch.equal(a, b)
     values = a.flatten().double().numpy()
     assert values.min() >= 0.0 and values.max() < 1.0
@@ -249,3 +249,23 @@ def test_fused_step_raises_on_an_unknown_code_in_a_batch(data: tuple) -> None:
     batch["cat"][2, 0] = 10_000
     with pytest.raises(InputError, match="outside its covariate table"):
         step(batch, 0.5)
+
+
+def test_fused_step_runs_compiled_only(data: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernels available every op of the step takes the compiled path: a silent fallback to the
+    PyTorch reference (e.g. after a layout change) would be correct but several times slower."""
+    from atlasmap.ops import reference
+    from atlasmap.optim import Adam
+
+    def fail(*_: Any, **__: Any) -> None:
+        raise AssertionError("the fused step fell back to atlasmap.ops.reference")
+
+    for name in ("nb_nll", "nb_nll_logits", "layer_forward", "layer_backward", "latent_forward", "latent_backward",
+                 "uniform", "adam_step"):
+        monkeypatch.setattr(reference, name, fail)
+    for module, cells in (query_module(data), reference_module(data)):
+        step = fs.fused_step(module, cells)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = Adam(params)
+        step(cells.batch(np.arange(64)), 0.5)
+        optimizer.step()

@@ -5,25 +5,27 @@ thread counts, special values, and the portable (non-libmvec) math of the C file
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from atlasmap.nn import kernel
+from atlasmap import ops
 from atlasmap.nn import likelihoods as L
 
-needs_kernel = pytest.mark.skipif(not kernel.available(), reason="compiled likelihood kernel not built / disabled")
+needs_kernel = pytest.mark.skipif(not ops.available(), reason="compiled likelihood kernel not built / disabled")
 IMPLEMENTATIONS = ["kernel", "torch"]
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "kernel" and not kernel.available():
+    if request.param == "kernel" and not ops.available():
         pytest.skip("compiled likelihood kernel not built / disabled")
     if request.param == "torch":
         monkeypatch.setenv("ATLASMAP_KERNEL", "0")
@@ -136,7 +138,7 @@ def test_kernel_is_deterministic_and_independent_of_the_thread_count() -> None:
         results = []
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            results.append(kernel.nb_nll(x, mu, theta, pi, None, None, (True, True, True)))
+            results.append(ops.nb_nll(x, mu, theta, pi, None, None, (True, True, True)))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -158,11 +160,11 @@ def test_kernel_propagates_nan_and_inf() -> None:
 @needs_kernel
 def test_kernel_is_used_only_where_it_applies() -> None:
     x, mu, theta, pi = make_inputs(n=4, g=16)
-    assert kernel.usable(x, mu, theta, pi)
-    assert kernel.usable(x, mu, theta[None, :], pi)
-    assert not kernel.usable(x.double(), mu.double(), theta.double(), pi.double())  # float64: PyTorch path
-    assert not kernel.usable(x, mu.t().contiguous().t(), theta, pi)  # not C-contiguous
-    assert not kernel.usable(x, mu, theta[:3], pi)
+    assert ops.nb_native_applies(x, mu, theta, pi)
+    assert ops.nb_native_applies(x, mu, theta[None, :], pi)
+    assert not ops.nb_native_applies(x.double(), mu.double(), theta.double(), pi.double())  # float64: PyTorch path
+    assert not ops.nb_native_applies(x, mu.t().contiguous().t(), theta, pi)  # not C-contiguous
+    assert not ops.nb_native_applies(x, mu, theta[:3], pi)
     # the PyTorch path still works for what the kernel does not take
     x64, mu64, th64, pi64 = (t.double() for t in (x, mu, theta, pi))
     close(L.nb_nll(x64, mu64, th64, pi64), -L.log_zinb(x64, mu64, th64, pi64).sum(-1), 1e-10)
@@ -172,39 +174,53 @@ def test_kernel_is_built_in_this_environment() -> None:
     """The install compiles the kernel (setup.py); a silent fallback would lose the speed unnoticed."""
     if os.environ.get("ATLASMAP_KERNEL") == "0":
         pytest.skip("kernel turned off with ATLASMAP_KERNEL=0")
-    assert kernel.available(), "atlasmap.nn._nbkernel was not compiled: check that a C compiler is installed"
+    assert ops.available(), "atlasmap.ops._native was not compiled: check that a C compiler is installed"
 
 
 @pytest.fixture(scope="module")
 def portable_build(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The C file compiled with its inline logf / expf (what non-glibc platforms get)."""
+    """The extension module compiled with the kernels' inline logf / expf (what non-glibc platforms get)."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler to build the portable variant")
-    source = Path(kernel.__file__).with_name("_nbkernel.c")
+    source = Path(ops.__file__).with_name("_native.c")
     if not source.exists():
-        pytest.skip("the kernel's C source is not installed next to atlasmap.nn.kernel")
-    out = tmp_path_factory.mktemp("kernel") / "portable.so"
+        pytest.skip("the C sources are not installed next to atlasmap.ops")
+    kernels = source.parent / "kernels"
+    out = tmp_path_factory.mktemp("kernel") / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
     cmd = [cc, "-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-DATLASMAP_INLINE_MATH",
-           "-shared", "-fPIC", str(source), str(source.with_name("_stack.c")), "-o", str(out), "-lm"]
+           "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(source), str(kernels / "nbkernel.c"),
+           str(kernels / "stack.c"), "-o", str(out), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True)
-    return kernel.load_library(str(out))
+    spec = importlib.util.spec_from_file_location("_native", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.INLINE_MATH == 1
+    return module
+
+
+@pytest.fixture
+def portable(portable_build: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """atlasmap.ops running the portable build."""
+    monkeypatch.delenv("ATLASMAP_KERNEL", raising=False)
+    monkeypatch.setattr(ops, "_NATIVE", portable_build)
+    return portable_build
 
 
 @pytest.mark.parametrize("zero_inflated", [True, False])
-def test_portable_math_build_matches_float64(portable_build: object, zero_inflated: bool) -> None:
+def test_portable_math_build_matches_float64(portable: object, zero_inflated: bool) -> None:
     x, mu, theta, pi = make_inputs()
     pi = pi if zero_inflated else None
     weights = torch.ones(x.shape[0])
     want, want_grads = reference(x, mu, theta, pi, weights)
-    nll, g_mu, g_theta, g_pi = kernel.nb_nll(x, mu, theta, pi, L.log_factorial_sum(x), None, (True, True, True),
-                                             lib=portable_build)
+    assert ops.nb_native_applies(x, mu, theta, pi)
+    nll, g_mu, g_theta, g_pi = ops.nb_nll(x, mu, theta, pi, L.log_factorial_sum(x), None, (True, True, True))
     close(nll, want, 1e-5)
     close(g_mu, want_grads[0], 2e-5)
     close(g_theta.sum(0), want_grads[1], 2e-5)
     if zero_inflated:
         close(g_pi, want_grads[2], 2e-5)
-    close(kernel.lgamma_theta_sum(x, theta, lib=portable_build),
+    close(ops.lgamma_theta_sum(x, theta),
           (torch.lgamma(x.double() + theta.double()) - torch.lgamma(theta.double())).sum(-1), 1e-6)
 
 
@@ -256,7 +272,7 @@ def test_softmax_fused_likelihood_without_gradients_and_with_frozen_theta(implem
 def test_log_factorial_rows_table_and_gammaln_paths(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-cell sum log x! of the data: table lookup for small integers, gammaln for the rest (the
     compiled kernel and the numpy chunks)."""
-    if compiled and not kernel.available():
+    if compiled and not ops.available():
         pytest.skip("the compiled kernel is not installed")
     if not compiled:
         monkeypatch.setenv("ATLASMAP_KERNEL", "0")
@@ -278,23 +294,23 @@ def test_log_factorial_rows_table_and_gammaln_paths(compiled: bool, monkeypatch:
         np.testing.assert_allclose(log_factorial_rows(sp.csr_matrix(many), chunk=chunk), want, rtol=1e-6)
 
 
-@pytest.mark.skipif(not kernel.available(), reason="the compiled kernel is not installed")
+@pytest.mark.skipif(not ops.available(), reason="the compiled kernel is not installed")
 def test_count_flags_each_kind_anywhere() -> None:
     """The one-pass count check flags each kind of bad value wherever it is (vector body, tail, later chunk)."""
     for size in (7, 1000, (1 << 16) * 3 + 5):
         ok = np.random.default_rng(size).poisson(3.0, size).astype(np.float32)
         ok[0] = -0.0  # a zero
         ok[-1] = 2.0**24  # the largest exact count is allowed
-        assert kernel.count_flags(ok) == 0
+        assert ops.count_flags(ok) == 0
         for bad, flag in ((np.nan, 1), (np.inf, 1 | 8), (-np.inf, 1 | 2), (-1.0, 2), (0.5, 4), (1e-40, 4), (3.0000002, 4),
                           (2.0**24 + 2, 8)):
             for pos in (0, size // 2, size - 2):
                 values = ok.copy()
                 values[pos] = bad
-                assert kernel.count_flags(values) == flag, (size, bad, pos)
+                assert ops.count_flags(values) == flag, (size, bad, pos)
 
 
-@pytest.mark.skipif(not kernel.available(), reason="the compiled kernel is not installed")
+@pytest.mark.skipif(not ops.available(), reason="the compiled kernel is not installed")
 def test_lgamma_theta_sum_from_csr_equals_dense() -> None:
     """The CSR variant reads only stored nonzeros (explicit zeros skipped, empty rows 0) and gives the dense
     kernel's bits; both agree with float64 lgamma differences."""
@@ -307,9 +323,9 @@ def test_lgamma_theta_sum_from_csr_equals_dense() -> None:
     csr = sp.csr_matrix(dense)
     csr.data[0] = 0.0  # an explicit zero stays a zero
     theta = torch.exp(torch.randn(500, generator=torch.Generator().manual_seed(0)) * 2)
-    got = kernel.lgamma_theta_sum_csr(csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data, theta)
+    got = ops.lgamma_theta_sum_csr(csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data, theta)
     x = torch.from_numpy(csr.toarray())
-    assert torch.equal(got, kernel.lgamma_theta_sum(x, theta))
+    assert torch.equal(got, ops.lgamma_theta_sum(x, theta))
     assert got[5] == 0.0
     want = (torch.lgamma(x.double() + theta.double()) - torch.lgamma(theta.double())).sum(1)
     close(got, want, 1e-6)

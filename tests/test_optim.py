@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from atlasmap.nn import kernel
+from atlasmap import ops
 from atlasmap.optim import Adam
 
 
@@ -21,7 +21,7 @@ def make_params(seed: int) -> list[torch.nn.Parameter]:
 def test_adam_matches_torch_adam(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same trajectory as torch.optim.Adam over several steps (weight decay on; one tensor without a gradient
     in some steps keeps its own step count), through the compiled kernel and through the foreach fallback."""
-    if compiled and not kernel.available():
+    if compiled and not ops.available():
         pytest.skip("the compiled kernels are not installed")
     if not compiled:
         monkeypatch.setenv("ATLASMAP_KERNEL", "0")

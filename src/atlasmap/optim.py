@@ -4,20 +4,19 @@ The update rule is torch.optim.Adam's (L2 weight decay added to the gradient, bi
 outside the square root; amsgrad off), the optimizer scvi-tools trains with. Why not ``torch.optim.Adam``
 itself: constructing it imports ``torch._dynamo`` (about 0.8 s per process with torch 2.13 on CPU), which
 every ``atlasmap map`` would pay for a mapping that takes a few seconds; and for the handful of small
-tensors that train after surgery its per-step bookkeeping costs more than the arithmetic. On CPU float32 the
-update is one compiled pass per tensor (``_stack.c``); elsewhere (GPU, no compiled kernels) it is PyTorch's
-multi-tensor ``_foreach`` arithmetic.
+tensors that train after surgery its per-step bookkeeping costs more than the arithmetic. The update is
+:func:`atlasmap.ops.adam_step`: one compiled pass per tensor on CPU float32; elsewhere (GPU, no compiled
+kernels) PyTorch's multi-tensor ``_foreach`` arithmetic.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-from atlasmap.nn import kernel
+from atlasmap import ops
 
 
 class Adam:
@@ -38,13 +37,15 @@ class Adam:
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
         self.steps = np.zeros(len(self.params), dtype=np.int64)
-        self._compiled = kernel.available() and all(
-            p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in self.params)
-        if self._compiled:
-            n = len(self.params)
-            self._ptrs = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts])
-                          for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
-            self._sizes = (ctypes.c_int64 * n)(*[p.numel() for p in self.params])
+        # the tensors the update reads every step, with their kernel views made once
+        self._params, self._avg, self._avg_sq = (ops.TensorGroup(ts) for ts in
+                                                 (self.params, self.exp_avg, self.exp_avg_sq))
+        self._grads = ops.TensorGroup([])
+
+    @property
+    def _compiled(self) -> bool:
+        """Whether steps run the compiled update (CPU float32 tensors, kernels available)."""
+        return ops.available() and self._params.plain
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -64,29 +65,11 @@ class Adam:
         steps = np.maximum(self.steps, 1).astype(np.float64)
         step_size = (self.lr / (1.0 - beta1**steps)).astype(np.float32)
         bias2_sqrt = np.sqrt(1.0 - beta2**steps).astype(np.float32)
-        if self._compiled:
-            grads = [None if p.grad is None else p.grad.contiguous() for p in self.params]
-            grad_ptrs = (ctypes.c_void_p * len(grads))(*[None if g is None else g.data_ptr() for g in grads])
-            threads = max(1, torch.get_num_threads())
-            params_ptr, avg_ptr, avg_sq_ptr = (ctypes.addressof(a) for a in self._ptrs)
-            kernel._library().atlasmap_adam(len(grads), params_ptr, ctypes.addressof(grad_ptrs), avg_ptr, avg_sq_ptr,
-                                           ctypes.addressof(self._sizes), step_size.ctypes.data,
-                                           bias2_sqrt.ctypes.data, beta1, beta2, self.eps, self.weight_decay, threads)
-            return
-        idx = np.flatnonzero(has_grad)
-        params = [self.params[i] for i in idx]
-        grads = [p.grad for p in params]
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
-        exp_avg = [self.exp_avg[i] for i in idx]
-        exp_avg_sq = [self.exp_avg_sq[i] for i in idx]
-        torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, [float(b) for b in bias2_sqrt[idx]])
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-float(s) for s in step_size[idx]])
+        grads = [p.grad for p in self.params]
+        if len(grads) != len(self._grads) or any(a is not b for a, b in zip(grads, self._grads, strict=True)):
+            self._grads = ops.TensorGroup([None if g is None else g.contiguous() for g in grads])
+        ops.adam_step(self._params, self._grads, self._avg, self._avg_sq, step_size=step_size, bias2_sqrt=bias2_sqrt,
+                      beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay)
 
     def __repr__(self) -> str:
         return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "

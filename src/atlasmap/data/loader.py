@@ -2,7 +2,7 @@
 
 Counts are validated and aligned once (:func:`prepare_cells`) and kept as CSR (canonical float32 input is
 shared read-only, not copied); a minibatch is one pass of the compiled row gather over the selected
-nonzeros (numpy's vectorised scatter without the compiled kernel). Only when a dense copy would be no
+nonzeros (a vectorised scatter of :mod:`atlasmap.ops`' reference without the compiled kernel). Only when a dense copy would be no
 larger than the CSR one (or, without the kernel, fits the memory budget) is it materialised and a minibatch
 is a single ``index_select`` (:func:`use_dense`). No AnnData is touched inside the training loop.
 """
@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from atlasmap import ops
 from atlasmap.data.align import align_genes, continuous_matrix, encode_categories, reorder_genes
 from atlasmap.data.registry import Registry, check_anndata, find_counts, get_counts
 from atlasmap.errors import InputError
@@ -69,12 +69,8 @@ class CellData:
         return out
 
     def _gather(self, rows: np.ndarray) -> torch.Tensor:
-        """Dense minibatch of CSR rows: the compiled gather when it is installed, else numpy's."""
-        from atlasmap.nn import kernel
-
-        if not kernel.available():
-            return torch.from_numpy(gather_csr_rows(self.counts, rows))
-        return kernel.gather_rows(*self.csr_arrays(), self.counts.shape[1], rows)
+        """Dense minibatch of CSR rows (:func:`atlasmap.ops.gather_rows`: compiled, or its PyTorch reference)."""
+        return ops.gather_rows(*self.csr_arrays(), self.counts.shape[1], rows)
 
     def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(indptr int64, indices int32, data float32)`` of CSR counts, as the compiled kernels read them
@@ -145,18 +141,10 @@ def _contiguous_span(rows: np.ndarray | torch.Tensor) -> tuple[int, int] | None:
 
 
 def gather_csr_rows(csr: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
-    """Dense float32 block of CSR ``rows``, in one vectorised scatter (no Python loop over cells)."""
-    indptr = csr.indptr
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    total = int(lengths.sum())
-    out = np.zeros((rows.size, csr.shape[1]), dtype=np.float32)
-    if total == 0:
-        return out
-    offsets = np.cumsum(lengths) - lengths
-    pos = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
-    out[np.repeat(np.arange(rows.size), lengths), csr.indices[pos]] = csr.data[pos]
-    return out
+    """Dense float32 block of CSR ``rows`` (:func:`atlasmap.ops.gather_rows`: one pass of the compiled
+    gather, or one vectorised scatter of the reference; no Python loop over cells)."""
+    data = csr.data if csr.data.dtype == np.float32 else csr.data.astype(np.float32)
+    return ops.gather_rows(csr.indptr, csr.indices, data, csr.shape[1], np.asarray(rows)).numpy()
 
 
 def log_library_sizes(totals: np.ndarray) -> torch.Tensor:
@@ -166,48 +154,11 @@ def log_library_sizes(totals: np.ndarray) -> torch.Tensor:
     return torch.log(torch.as_tensor(np.asarray(totals, dtype=np.float32)))
 
 
-#: ``log(k!)`` for k = 0 .. 1023: most counts are small integers, so a table lookup replaces ``gammaln``.
-_LOG_FACTORIAL_TABLE_SIZE = 1024
-
-
-@lru_cache(maxsize=1)
-def _log_factorial_table() -> np.ndarray:
-    from scipy.special import gammaln
-
-    return gammaln(np.arange(_LOG_FACTORIAL_TABLE_SIZE, dtype=np.float64) + 1.0)
-
-
 def log_factorial_rows(csr: sp.csr_matrix, chunk: int = 1 << 22) -> np.ndarray:
-    """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing),
-    in blocks of about ``chunk`` nonzeros (bounded temporary memory); one pass of the compiled kernel when
-    it is installed and the data are float32."""
-    from scipy.special import gammaln
-
-    from atlasmap.nn import kernel
-
-    if kernel.available() and csr.data.dtype == np.float32 and csr.data.flags.c_contiguous:
-        return kernel.log_factorial_rows(np.ascontiguousarray(csr.indptr, dtype=np.int64), csr.data)
-    indptr, table = csr.indptr, _log_factorial_table()
-    out = np.zeros(csr.shape[0], dtype=np.float64)
-    lo = 0
-    while lo < csr.shape[0]:
-        hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + chunk, side="right")) - 1)
-        hi = min(hi, csr.shape[0])
-        a, b = int(indptr[lo]), int(indptr[hi])
-        if b > a:
-            data = csr.data[a:b]
-            as_int = data.astype(np.int32)  # truncates; values it does not represent are redone below
-            np.clip(as_int, 0, _LOG_FACTORIAL_TABLE_SIZE - 1, out=as_int)
-            values = table[as_int]
-            other = np.flatnonzero(as_int != data)  # large or non-integer values
-            if other.size:
-                values[other] = gammaln(data[other].astype(np.float64) + 1.0)
-            starts = indptr[lo:hi] - a
-            nonempty = starts < indptr[lo + 1:hi + 1] - a
-            # reduceat sums values[starts[i]:starts[i + 1]]; an empty row would read its neighbour's value
-            out[lo:hi][nonempty] = np.add.reduceat(values, starts[nonempty])
-        lo = hi
-    return out.astype(np.float32)
+    """``sum_g lgamma(x_g + 1)`` of each row of a CSR count matrix (float32; zeros contribute nothing):
+    :func:`atlasmap.ops.log_factorial_rows`, one pass of the compiled kernel, or the reference in blocks of
+    about ``chunk`` nonzeros (bounded temporary memory)."""
+    return ops.log_factorial_rows(csr.indptr.astype(np.int64, copy=False), csr.data, chunk).numpy()
 
 
 def prepare_cells(
@@ -260,12 +211,10 @@ def use_dense(csr: sp.csr_matrix, dense_budget_bytes: int = DENSE_BUDGET_BYTES) 
     """Materialise the counts densely? Within the budget and, when the compiled row gather is installed
     (as fast as a dense ``index_select``), only if the dense copy is no larger than the CSR one (dense
     single-cell data are rare: at 5 % nonzeros a dense copy is 10x the CSR)."""
-    from atlasmap.nn import kernel
-
     dense_bytes = csr.shape[0] * csr.shape[1] * 4
     if dense_bytes > dense_budget_bytes:
         return False
-    return not kernel.available() or dense_bytes <= csr.nnz * 8 + csr.shape[0] * 8
+    return not ops.available() or dense_bytes <= csr.nnz * 8 + csr.shape[0] * 8
 
 
 def shard(items: Any, rank: int, world_size: int) -> Any:

@@ -443,11 +443,12 @@ def _canonical_float32(csr: sp.csr_matrix) -> sp.csr_matrix:
 
 
 def _all_counts_compiled(values: np.ndarray) -> bool:
-    """True when the compiled kernel, in one pass over float32 ``values``, finds only counts (no NaN/inf,
-    negative, non-integer or > 2^24 values); False when it finds any or cannot run (numpy checks then)."""
-    from atlasmap.nn import kernel
+    """True when one pass over float32 ``values`` (:func:`atlasmap.ops.count_flags`, compiled or its
+    reference) finds only counts (no NaN/inf, negative, non-integer or > 2^24 values); False when it finds
+    any or the values are not float32 (the numpy checks then name an offending entry)."""
+    from atlasmap import ops
 
-    return values.dtype == np.float32 and kernel.available() and kernel.count_flags(values) == 0
+    return values.dtype == np.float32 and ops.count_flags(values) == 0
 
 
 def check_library_sizes(totals: np.ndarray, obs_names: pd.Index) -> None:

@@ -4,8 +4,10 @@ A scVI step on a 128-cell minibatch is a few matmuls (forward, input gradient, w
 ~300 small PyTorch operations (table lookups, layer norm, ReLU, dropout, sampling, their autograd nodes)
 whose dispatch costs more than their arithmetic. :class:`FusedStep` computes what
 ``module.loss(batch).backward()`` computes, with the matmuls in PyTorch (both decoder heads, and both
-latent heads, as one matmul each), each layer's elementwise forward and backward in one call of the
-compiled ``_stack.c``, and the likelihood in the NB kernel reading both heads from one matrix. Gradients
+latent heads, as one matmul each), each layer's elementwise forward and backward in one call of
+:func:`atlasmap.ops.layer_forward` / :func:`~atlasmap.ops.layer_backward` (compiled ``kernels/stack.c``),
+the latent sample in one of :func:`~atlasmap.ops.latent_forward` / ``latent_backward``, and the
+likelihood in :func:`~atlasmap.ops.nb_nll_heads` reading both heads from one matrix. Gradients
 are written into ``.grad`` of the trainable tensors only: after surgery (the default: only new covariate
 blocks train) no frozen weight's gradient is ever computed.
 
@@ -17,14 +19,13 @@ the cells :func:`fused_step` accepts (prepared per-cell fields, int64 codes with
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from atlasmap.errors import InputError
+from atlasmap import ops
 from atlasmap.models.scvi_module import (
     _VAR_EPS,
     ENCODER_FIRST,
@@ -34,13 +35,8 @@ from atlasmap.models.scvi_module import (
     SCVIModule,
     log_counts,
 )
-from atlasmap.nn import kernel
 from atlasmap.nn.layers import FCStack, dropout_uniforms
 from atlasmap.protocols import LossTerms
-
-
-def _address_array(ctype: type, values: list) -> ctypes.Array:
-    return (ctype * max(len(values), 1))(*values)
 
 
 class _Grads:
@@ -67,34 +63,25 @@ class _Grads:
 
 @dataclass
 class _Layer:
-    """One stack layer as the C functions read it; pointer arrays are built once per training call."""
+    """One stack layer as the layer ops read it; its covariate blocks are prepared once per training call."""
 
     linear: nn.Linear | None  # None: ``W x + b`` comes precomputed with the batch (frozen first encoder layer)
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
     layer_norm: bool
     ln_eps: float
-    n_cov: int
-    arrays: tuple  # ctypes arrays kept alive: n_blocks, block_rows, block_ptr, block_grad
-    addresses: tuple[int, int, int, int]
+    blocks: ops.CovariateBlocks  # the covariate tables' blocks and the gradient buffers of those that train
 
     @classmethod
     def build(cls, stack: FCStack, i: int, grads: _Grads, precomputed: bool = False) -> _Layer:
         layer, norm = stack.layers[i], stack.norms[i]
         tables = layer.covariates if stack.injects[i] else []
-        blocks = [b for t in tables for b in t.blocks]
-        arrays = (
-            _address_array(ctypes.c_int64, [len(t.blocks) for t in tables]),
-            _address_array(ctypes.c_int64, [int(b.shape[0]) for b in blocks]),
-            _address_array(ctypes.c_void_p, [b.data_ptr() for b in blocks]),
-            _address_array(ctypes.c_void_p, [None if grads.of(b) is None else grads.of(b).data_ptr()
-                                             for b in blocks]),
-        )
+        blocks = ops.CovariateBlocks([list(t.blocks) for t in tables],
+                                     [[grads.of(b) for b in t.blocks] for t in tables])
         linear = None if precomputed else layer.linear
         return cls(
             linear=linear, grad_weight=grads.of(linear and linear.weight), grad_bias=grads.of(linear and linear.bias),
-            layer_norm=isinstance(norm, nn.LayerNorm), ln_eps=float(getattr(norm, "eps", 0.0)), n_cov=len(tables),
-            arrays=arrays, addresses=tuple(ctypes.addressof(a) for a in arrays),
+            layer_norm=isinstance(norm, nn.LayerNorm), ln_eps=float(getattr(norm, "eps", 0.0)), blocks=blocks,
         )
 
 
@@ -168,10 +155,10 @@ def fused_step(module: nn.Module, cells: object) -> FusedStep | None:
 
     It applies to a plain :class:`SCVIModule` on CPU float32 with layer norm (no affine) or no norm, the
     observed library size, an NB or ZINB likelihood with per-gene dispersion and no continuous covariates,
-    with the compiled kernels installed, whatever trains (reference training, or the new blocks after
+    with the compiled kernels installed (:func:`atlasmap.ops.available`), whatever trains (reference training, or the new blocks after
     surgery). Anything else (scANVI, batch norm, a learned library size, ...) returns ``None``.
     """
-    if type(module) is not SCVIModule or not kernel.available():
+    if type(module) is not SCVIModule or not ops.available():
         return None
     cfg = module.config
     if (not cfg.use_observed_lib_size or cfg.gene_likelihood not in ("nb", "zinb") or cfg.dispersion != "gene"
@@ -199,7 +186,7 @@ def fused_step(module: nn.Module, cells: object) -> FusedStep | None:
 
 
 def _codes_in_range(module: SCVIModule, cat: torch.Tensor | None) -> bool:
-    """int64 codes, one column per categorical covariate, each within its table (the C layers index blocks
+    """int64 codes, one column per categorical covariate, each within its table (the layer ops index blocks
     with them)."""
     n_categories = [t.n_categories for t in (module.decoder.layers[0].covariates or [])]
     if cat is None or cat.dtype != torch.int64 or cat.dim() != 2 or cat.shape[1] < len(n_categories):
@@ -214,13 +201,13 @@ class FusedStep:
     """Callable ``step(batch, kl_weight) -> LossTerms`` that also fills ``.grad`` of the trainable tensors.
 
     Built once per training call: frozen weights are read then; trainable ones are updated in place by the
-    optimizer (the C functions keep pointers to the covariate blocks).
+    optimizer (the layer ops keep views of the covariate blocks). Through :mod:`atlasmap.ops` it also runs
+    on the reference implementations (what the tests compare; :func:`fused_step` only uses it compiled).
     """
 
     def __init__(self, module: SCVIModule, trainable: list[nn.Parameter], first_precomputed: bool) -> None:
         """``first_precomputed``: the batches carry the frozen first encoder layer's ``W x + b``."""
         self.module = module
-        self.lib = kernel._library()
         self.grads = _Grads(trainable)
         self.encoder = [_Layer.build(module.encoder, i, self.grads, precomputed=i == 0 and first_precomputed)
                         for i in range(len(module.encoder.layers))]
@@ -241,16 +228,10 @@ class FusedStep:
     def _forward(self, layer: _Layer, h: torch.Tensor, cat: torch.Tensor, p: float) -> tuple:
         """Layer output and what its backward needs, from its input ``h`` (``W h + b`` when precomputed)."""
         pre = h if layer.linear is None else torch.addmm(layer.linear.bias, h, layer.linear.weight.t())
-        pre = pre.contiguous()  # kept alive across the C call
-        n, width = pre.shape
+        pre = pre.contiguous()
         factor = dropout_uniforms(pre) if p > 0 else None  # the autograd path's Dropout draws the same
-        y, out = torch.empty(n, width, dtype=torch.float32), torch.empty(n, width, dtype=torch.float32)
-        rstd = torch.empty(n, dtype=torch.float32)
-        n_blocks, block_rows, block_ptr, _ = layer.addresses
-        _check_codes(self.lib.atlasmap_layer_forward(
-            n, width, pre.data_ptr(), layer.n_cov, cat.data_ptr(), cat.stride(0), n_blocks, block_ptr, block_rows,
-            layer.layer_norm, layer.ln_eps, p, None if factor is None else factor.data_ptr(), y.data_ptr(),
-            rstd.data_ptr(), out.data_ptr()))
+        y, rstd, out = ops.layer_forward(pre, cat, layer.blocks, layer_norm=layer.layer_norm, ln_eps=layer.ln_eps,
+                                         p=p, factor=factor)
         return (h, y, rstd, factor), out
 
     def _backward(self, layer: _Layer, grad: torch.Tensor, saved: tuple, cat: torch.Tensor,
@@ -258,12 +239,7 @@ class FusedStep:
         """From d loss / d layer output: the layer's gradients into their buffers; returns d loss / d input
         (``None`` for a precomputed layer or without ``input_grad``). ``grad`` is overwritten."""
         h, y, rstd, factor = saved
-        grad = grad.contiguous()
-        n, width = grad.shape
-        n_blocks, block_rows, _, block_grad = layer.addresses
-        _check_codes(self.lib.atlasmap_layer_backward(
-            n, width, grad.data_ptr(), y.data_ptr(), rstd.data_ptr(), None if factor is None else factor.data_ptr(),
-            layer.layer_norm, layer.n_cov, cat.data_ptr(), cat.stride(0), n_blocks, block_rows, block_grad))
+        grad = ops.layer_backward(grad.contiguous(), y, rstd, factor, cat, layer.blocks, layer_norm=layer.layer_norm)
         if layer.linear is None:
             return None
         if layer.grad_weight is not None:
@@ -288,18 +264,16 @@ class FusedStep:
             enc_saved.append(saved)
         h_enc = h
         mv = self.latent.forward(h_enc)
-        z, var = torch.empty(n, self.n_latent, dtype=torch.float32), torch.empty(n, self.n_latent, dtype=torch.float32)
-        kl = torch.empty(n, dtype=torch.float32)
-        noise = torch.randn_like(z)  # as the autograd path's randn_like(qz_m)
-        self.lib.atlasmap_latent_forward(n, self.n_latent, mv.data_ptr(), noise.data_ptr(), _VAR_EPS, z.data_ptr(),
-                                         var.data_ptr(), kl.data_ptr())
+        # as the autograd path's randn_like(qz_m) (the same draws; tests replace torch.randn_like)
+        noise = torch.randn_like(mv[:, :self.n_latent], memory_format=torch.contiguous_format)
+        z, var, kl = ops.latent_forward(mv, noise, _VAR_EPS)
         h, dec_saved = z, []
         for layer in self.decoder:
             saved, h = self._forward(layer, h, cat, 0.0)
             dec_saved.append(saved)
         theta = torch.exp(self.module.px_r.detach()) if self.theta_trains else self.theta
         heads = self.heads.forward(h)
-        nll, grad_heads, grad_theta = kernel.nb_nll_heads(
+        nll, grad_heads, grad_theta = ops.nb_nll_heads(
             x, heads, batch[LOG_LIBRARY], theta, self.zero_inflated, batch.get(LOG_X_FACT),
             batch.get(LGAMMA_THETA), need_theta=self.theta_trains,
             out=(self.scratch.get("grad_heads", *heads.shape),
@@ -310,21 +284,13 @@ class FusedStep:
         grad = self.heads.backward(grad_heads, h, 1.0 / n)
         for layer, saved in zip(reversed(self.decoder), reversed(dec_saved), strict=True):
             grad = self._backward(layer, grad, saved, cat)
-        grad_mv = torch.empty_like(mv)
-        self.lib.atlasmap_latent_backward(n, self.n_latent, grad.data_ptr(), mv.data_ptr(), var.data_ptr(),
-                                          noise.data_ptr(), _VAR_EPS, kl_weight / n, grad_mv.data_ptr())
+        grad_mv = ops.latent_backward(grad, mv, var, noise, _VAR_EPS, kl_weight / n)
         grad = self.latent.backward(grad_mv, h_enc, 1.0)
         for i in reversed(range(len(self.encoder))):  # nothing needs d loss / d counts
             grad = self._backward(self.encoder[i], grad, enc_saved[i], cat, input_grad=i > 0)
         self.grads.attach()
         loss = (nll + kl_weight * kl).mean()
         return LossTerms(loss=loss, reconstruction=nll, kl=kl)
-
-
-def _check_codes(status: int) -> None:
-    if status != 0:
-        raise InputError("a category code lies outside its covariate table (the model does not know that category); "
-                         "map new categories with load_query_data.")
 
 
 __all__ = ["FusedStep", "fused_step"]

@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlasmap import ops
 from atlasmap.models.module_base import CVAEModule
-from atlasmap.nn import kernel
 from atlasmap.nn.layers import CovariateTable, FCStack, standard_normal
 from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll, nb_nll_logits
 from atlasmap.protocols import LossTerms
@@ -84,10 +83,6 @@ def log_counts(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     return torch.add(x, 1.0, out=out).log_()
 
 
-def _csr_on_cpu(cells: Any, theta: torch.Tensor) -> bool:
-    """Whether ``cells`` hold in-memory CSR counts the compiled kernels can read, with ``theta`` on CPU."""
-    return (hasattr(cells, "csr_arrays") and sp.issparse(getattr(cells, "counts", None)) and kernel.available()
-            and theta.device.type == "cpu" and theta.dtype == torch.float32)
 
 
 class SCVIModule(CVAEModule):
@@ -232,8 +227,10 @@ class SCVIModule(CVAEModule):
         device = next(self.parameters()).device
         out: dict[str, list[torch.Tensor]] = {ENCODER_FIRST: [], LGAMMA_THETA: []}
         theta = torch.exp(self.px_r) if want_lgamma else None
-        if want_lgamma and _csr_on_cpu(cells, theta):  # straight from the stored nonzeros
-            out[LGAMMA_THETA].append(kernel.lgamma_theta_sum_csr(*cells.csr_arrays(), theta.contiguous()))
+        # straight from the stored nonzeros of in-memory CSR counts, when theta is on their (host) device
+        csr = cells.csr_arrays() if want_lgamma and theta.device.type == "cpu" else None
+        if csr is not None:
+            out[LGAMMA_THETA].append(ops.lgamma_theta_sum_csr(*csr, theta.contiguous()))
             want_lgamma = False
         for lo in range(0, cells.n_cells, batch_size) if want_first or want_lgamma else ():
             x = cells.batch(np.arange(lo, min(lo + batch_size, cells.n_cells)), device)["x"]

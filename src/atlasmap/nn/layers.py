@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from atlasmap import ops
+
 
 def standard_normal(*shape: int) -> torch.Tensor:
     """N(0, 1) initial values (the same draws as ``torch.randn``). On the meta device (the size check of
@@ -131,12 +133,11 @@ class InjectedLinear(nn.Module):
 
 
 def dropout_uniforms(x: torch.Tensor) -> torch.Tensor:
-    """Uniform draws for a dropout mask of ``x``: the compiled generator for 2-D CPU float32 (also used by
-    the fused query step, so both draw the same masks), ``rand_like`` otherwise."""
-    if x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32:
-        from atlasmap.nn import kernel
-
-        return kernel.uniform(*x.shape)
+    """Uniform draws for a dropout mask of ``x``. 2-D CPU float32: :func:`atlasmap.ops.uniform`, the
+    counter-based generator that the fused training step also uses, so both draw the same masks. Elsewhere
+    ``rand_like`` on ``x``'s device: no host round trip for a seed, and CUDA-graph capturable."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+        return ops.uniform(*x.shape)
     return torch.rand_like(x)
 
 

@@ -14,15 +14,18 @@
  * which are exact (no cancellation between two large lgamma values) and cheap for the small counts that
  * dominate single-cell data. Other counts use lgamma / digamma in double precision.
  *
- * Conventions (same as atlasmap.nn.likelihoods._nb_terms): with a = log(t + mu + eps) (log(t + eps) -
+ * Conventions (same as atlasmap.ops.reference.nll_terms): with a = log(t + mu + eps) (log(t + eps) -
  * a computed as -log1p(mu / (t + eps)), accurate when t >> mu),
  *   f_nb   = t (log(t + eps) - a) + x (log(mu + eps) - a)                (+ lgamma terms)
  *   f_zinb = x == 0 : softplus(ptl) - softplus(-pi)          ptl = t (log(t + eps) - a) - pi
  *            x >  0 : ptl - softplus(-pi) + x (log(mu + eps) - a)       (+ lgamma terms)
  * and the kernel writes nll = const - sum_g f (per cell) and d nll / d (mu, theta, pi) per element.
  *
- * The library is loaded with ctypes (no Python C API). Plain C, no code is generated or loaded at run time.
+ * Plain C (no Python C API), called only by the checked wrapper ../_native.c (the extension module
+ * atlasmap.ops._native); no code is generated or loaded at run time.
  */
+#include "kernels.h"
+
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>

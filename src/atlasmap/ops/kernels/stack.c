@@ -14,8 +14,11 @@
  * with layer norm (else d y); every table row read in the forward receives d pre.
  * Both return 0, or -1 when a code lies outside its table (nothing is read or written past a block).
  *
- * Plain C loaded with ctypes; compiled into the same library as _nbkernel.c.
+ * Plain C called only by the checked wrapper ../_native.c; compiled into the same extension module as
+ * nbkernel.c. The pure-PyTorch references are in atlasmap/ops/reference.py.
  */
+#include "kernels.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
