@@ -21,9 +21,10 @@ from torch import nn
 
 from atlasmap import surgery
 from atlasmap.data.backed import is_backed, prepare_backed_cells
-from atlasmap.data.loader import CellData, minibatches, prepare_cells
+from atlasmap.data.loader import CellData, prepare_cells
 from atlasmap.data.minified import StoredLatent, is_minified, minified_error, read_stored_latent
 from atlasmap.data.registry import Registry
+from atlasmap.data.resident import place_cells
 from atlasmap.errors import InputError, NotTrainedError, arg
 from atlasmap.models.interop import from_scvi_tools
 from atlasmap.models.persistence import load_model, save_model
@@ -249,19 +250,23 @@ class BaseModel:
                 return qzm
             noise = torch.randn(qzm.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).numpy()
             return (qzm + np.sqrt(qzv) * noise).astype(np.float32)
-        cells = self._cells(adata)
         device = self._device()
+        # on an accelerator the cells go over once (when they fit) and the latent comes back once: no
+        # host gather, copy or synchronisation per minibatch; on the CPU nothing moves
+        cells = place_cells(self._cells(adata), device)
         self.module.eval()
-        out = np.empty((cells.n_cells, self.module.config.n_latent), dtype=np.float32)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        for rows in minibatches(cells.n_cells, batch_size, shuffle=False):
-            inf = self.module.inference(cells.batch(rows, device), sample=False)
+        parts = []
+        for _rows, batch in cells.iter_ordered(batch_size, device):
+            inf = self.module.inference(batch, sample=False)
             z = inf["qz_m"]
             if not give_mean:
                 noise = torch.randn(z.shape, generator=gen).to(device)
                 z = z + inf["qz_v"].sqrt() * noise
-            out[rows] = z.cpu().numpy()
-        return out
+            parts.append(z)
+        if not parts:
+            return np.empty((0, self.module.config.n_latent), dtype=np.float32)
+        return torch.cat(parts).cpu().numpy().astype(np.float32, copy=False)
 
     def get_elbo(self, adata: Any = None, *, batch_size: int = 1024, seed: int = 0) -> float:
         """Negative ELBO per cell (reconstruction NLL + KL, averaged over the cells; lower is better): the
