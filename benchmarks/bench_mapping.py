@@ -236,6 +236,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of both tools' training (run several for quality)")
     p.add_argument("--scaling", nargs="+", default=["100000x2000", "20000x5000", "20000x20000", "100000x5000"],
                    help="CELLSxGENES configurations of --workload scaling")
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size of both tools (default 128)")
+    p.add_argument("--sizes", nargs="+", default=None,
+                   help="cells x genes of the synthetic workload (default 20000x2000), e.g. 100000x2000")
     p.add_argument("--tag", default=None, help="suffix of the result files (default: the workload)")
     args = p.parse_args()
 
@@ -253,7 +256,7 @@ def main() -> None:
     if "scvi-tools" in tools:
         imports["scvi"] = import_times(peer, "scvi")
 
-    arch = ["--n-layers", "2", "--n-latent", "30", "--n-hidden", "128", "--batch-size", "128", "--seed", str(args.seed)]
+    arch = ["--n-layers", "2", "--n-latent", "30", "--n-hidden", "128", "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     configs = []
     if args.workload == "kang":
         if not KANG.exists():
@@ -262,7 +265,7 @@ def main() -> None:
                             extra=["--batch-key", "batch", "--ref-batches", "ctrl", "--query-batches", "stim",
                                    "--labels-key", "cell_type"]))
     else:
-        sizes = ["20000x2000"] if args.workload == "synthetic" else args.scaling
+        sizes = (args.sizes or ["20000x2000"]) if args.workload == "synthetic" else args.scaling
         epochs = (20, 20) if args.workload == "synthetic" else (2, 2)
         for size in sizes:
             n_cells, n_genes = (int(v) for v in size.split("x"))

@@ -29,9 +29,9 @@ from torch import nn
 import atlasmap
 from atlasmap import ops
 from atlasmap.data.loader import CellData
-from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
-from atlasmap.models.scvi_module import SCVIConfig, SCVIModule
-from atlasmap.models.totalvi_module import TOTALVIConfig, TOTALVIModule
+from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
+from atlasmap.modules.scvi import SCVIConfig, SCVIModule
+from atlasmap.modules.totalvi import TOTALVIConfig, TOTALVIModule
 from atlasmap.surgery import SurgeryOptions, add_category_blocks, apply_freezing
 from atlasmap.train import TrainConfig, make_optimizer, trainable_parameters, with_frozen_fields
 

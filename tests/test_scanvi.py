@@ -17,7 +17,7 @@ from support import SMALL, assert_unchanged, parameters, snapshot, split_by_batc
 import atlasmap
 from atlasmap.errors import InputError, ModelFileError, NotTrainedError
 from atlasmap.models.scanvi import SCANVI, store_predictions
-from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
+from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
 from atlasmap.train import default_max_epochs
 
 LABELS = "cell_type"

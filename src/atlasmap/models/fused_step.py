@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from atlasmap import ops
-from atlasmap.models.scvi_module import (
+from atlasmap.modules.scvi import (
     _VAR_EPS,
     ENCODER_FIRST,
     LGAMMA_THETA,

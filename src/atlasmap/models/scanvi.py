@@ -34,9 +34,9 @@ from atlasmap.data.registry import obs_column
 from atlasmap.errors import InputError, ModelFileError
 from atlasmap.models.base import check_choice
 from atlasmap.models.registry import register_model
-from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
 from atlasmap.models.scvi import SCVI
-from atlasmap.models.scvi_module import NormWhere
+from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
+from atlasmap.modules.scvi import NormWhere
 from atlasmap.train import default_max_epochs
 
 UNLABELED = -1

@@ -14,7 +14,7 @@ from atlasmap.data.registry import build_registry
 from atlasmap.errors import InputError
 from atlasmap.models.base import NORM_CHOICES, BaseModel, check_choice
 from atlasmap.models.registry import register_model
-from atlasmap.models.scvi_module import NormWhere, SCVIConfig, SCVIModule
+from atlasmap.modules.scvi import NormWhere, SCVIConfig, SCVIModule
 
 
 def library_log_priors(cells: CellData, n_batch: int, batches: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,8 @@ from atlasmap.errors import InputError
 from atlasmap.models.base import NORM_CHOICES, BaseModel, check_choice
 from atlasmap.models.registry import register_model
 from atlasmap.models.scvi import library_log_priors
-from atlasmap.models.scvi_module import NormWhere
-from atlasmap.models.totalvi_module import DEFAULT_BACKGROUND_MEAN, TOTALVIConfig, TOTALVIModule
+from atlasmap.modules.scvi import NormWhere
+from atlasmap.modules.totalvi import DEFAULT_BACKGROUND_MEAN, TOTALVIConfig, TOTALVIModule
 
 #: ``.obsm`` keys written by :meth:`TOTALVI.annotate` and the mapping workflow.
 LATENT_KEY = "X_atlasmap"

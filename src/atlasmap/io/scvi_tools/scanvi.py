@@ -1,4 +1,4 @@
-"""scvi-tools ``SCANVI`` (its ``SCANVAE`` module) -> atlasmap's :class:`~atlasmap.models.scanvi_module.SCANVIModule`.
+"""scvi-tools ``SCANVI`` (its ``SCANVAE`` module) -> atlasmap's :class:`~atlasmap.modules.scanvi.SCANVIModule`.
 
 ``SCANVAE`` is scvi-tools' ``VAE`` (imported exactly as for SCVI: :func:`~atlasmap.io.scvi_tools.scvi.load_vae_weights`)
 plus the label model, which maps one to one onto atlasmap's:
@@ -35,7 +35,7 @@ from atlasmap.io.scvi_tools.weights import (
     load_linear,
     refuse,
 )
-from atlasmap.models.scanvi_module import SCANVIConfig, SCANVIModule
+from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
 
 #: scvi-tools SCANVI / SCANVAE defaults (1.x) for arguments ``init_params_`` does not record
 SCANVI_DEFAULTS: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""scvi-tools ``SCVI`` (its ``VAE`` module) -> atlasmap's :class:`~atlasmap.models.scvi_module.SCVIModule`.
+"""scvi-tools ``SCVI`` (its ``VAE`` module) -> atlasmap's :class:`~atlasmap.modules.scvi.SCVIModule`.
 
 Batch norm statistics, dispersions (``gene`` / ``gene-batch``), zero-inflation logits and the per-batch
 library priors are copied; ``gene-label``/``gene-cell`` dispersion, ``normal`` likelihood, logistic-normal
@@ -15,7 +15,7 @@ from atlasmap.errors import ModelFileError
 from atlasmap.io.scvi_tools.imported import ImportedModel, register_converter
 from atlasmap.io.scvi_tools.reader import ScviToolsCheckpoint, registry_from_scvi_tools
 from atlasmap.io.scvi_tools.weights import ModuleWriter, StateReader, load_fc_stack, norm_where, refuse
-from atlasmap.models.scvi_module import SCVIConfig, SCVIModule
+from atlasmap.modules.scvi import SCVIConfig, SCVIModule
 
 # scvi-tools VAE defaults (1.x) for arguments not recorded explicitly in init_params_ (used by the converters)
 VAE_DEFAULTS: dict[str, Any] = {
@@ -28,7 +28,7 @@ VAE_DEFAULTS: dict[str, Any] = {
 
 
 def scvi_config_from_checkpoint(ckpt: ScviToolsCheckpoint, registry: Registry) -> SCVIConfig:
-    """atlasmap :class:`~atlasmap.models.scvi_module.SCVIConfig` of a scvi-tools ``VAE``, or a clear refusal."""
+    """atlasmap :class:`~atlasmap.modules.scvi.SCVIConfig` of a scvi-tools ``VAE``, or a clear refusal."""
     path = ckpt.path
     p = ckpt.init_params(VAE_DEFAULTS)
     setup_args = ckpt.registry.get("setup_args") or {}

@@ -1,4 +1,4 @@
-"""scvi-tools ``TOTALVI`` (its ``TOTALVAE`` module) -> atlasmap's :class:`~atlasmap.models.totalvi_module.TOTALVIModule`.
+"""scvi-tools ``TOTALVI`` (its ``TOTALVAE`` module) -> atlasmap's :class:`~atlasmap.modules.totalvi.TOTALVIModule`.
 
 The two modules compute the same model once atlasmap's module is configured with scvi-tools' conventions:
 
@@ -42,7 +42,7 @@ from atlasmap.io.scvi_tools.weights import (
     norm_where,
     refuse,
 )
-from atlasmap.models.totalvi_module import TOTALVIConfig, TOTALVIModule
+from atlasmap.modules.totalvi import TOTALVIConfig, TOTALVIModule
 
 PROTEINS_FIELD = "proteins"
 

@@ -5,7 +5,7 @@ Generative model: ``y ~ Cat(prior)``, ``z2 ~ N(0, I)``, ``z1 ~ N(mu(z2, y), sigm
 ``q(y | z1)`` a classifier, ``q(z2 | z1, y)`` a small encoder with the label injected.
 
 Everything from scVI (encoder for ``z1``, decoder, dispersions, library) is inherited unchanged from
-:class:`~atlasmap.models.scvi_module.SCVIModule`, so surgery adds batch blocks to exactly the same stacks
+:class:`~atlasmap.modules.scvi.SCVIModule`, so surgery adds batch blocks to exactly the same stacks
 and the latent ``z1`` of reference cells stays bit-identical. The label stacks (classifier, ``z2``
 encoder, ``z1`` decoder) have no batch covariate; surgery never extends them.
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlasmap.models.scvi_module import (
+from atlasmap.modules.scvi import (
     _VAR_EPS,
     SCVIConfig,
     SCVIModule,

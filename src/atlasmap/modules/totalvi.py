@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlasmap.models.module_base import CVAEModule
-from atlasmap.models.scvi_module import (
+from atlasmap.modules.base import CVAEModule
+from atlasmap.modules.scvi import (
     NormWhere,
     SCVIConfig,
     _norm_flags,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlasmap import ops
-from atlasmap.models.module_base import CVAEModule
+from atlasmap.modules.base import CVAEModule
 from atlasmap.nn.layers import CovariateTable, FCStack, standard_normal
 from atlasmap.nn.likelihoods import lgamma_theta_sum, log_poisson, nb_nll, nb_nll_logits
 from atlasmap.protocols import LossTerms
