@@ -136,7 +136,7 @@ def dropout_uniforms(x: torch.Tensor) -> torch.Tensor:
     """Uniform draws for a dropout mask of ``x``. 2-D CPU float32: :func:`atlasmap.ops.uniform`, the
     counter-based generator that the fused training step also uses, so both draw the same masks. Elsewhere
     ``rand_like`` on ``x``'s device: no host round trip for a seed, and CUDA-graph capturable."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return ops.uniform(*x.shape)
     return torch.rand_like(x)
 

@@ -62,8 +62,9 @@ def _disabled() -> bool:
 
 
 def _lib() -> ModuleType | None:
-    """The compiled module, ``None`` when it is not built or ``ATLASMAP_KERNEL=0``."""
-    return None if _NATIVE is None or _disabled() else _NATIVE
+    """The compiled module, ``None`` when it is not built, ``ATLASMAP_KERNEL=0``, or while ``torch.compile``
+    traces (the kernels are opaque to it; the reference's torch operations compile and fuse)."""
+    return None if _NATIVE is None or _disabled() or torch.compiler.is_compiling() else _NATIVE
 
 
 def available() -> bool:

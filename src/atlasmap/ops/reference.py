@@ -49,7 +49,8 @@ class CountGammas:
         self.x, self.theta = x, theta
         n_genes = x.shape[-1]
         self.sparse = False
-        if x.dim() == 2 and x.is_contiguous() and x.device.type == "cpu" and x.numel():
+        if x.dim() == 2 and x.is_contiguous() and x.device.type == "cpu" and x.numel() \
+                and not torch.compiler.is_compiling():  # data-dependent shapes do not compile
             probe = x[: min(8, x.shape[0])]
             self.sparse = float((probe > 0).float().mean()) < SPARSE_DENSITY
         if self.sparse:
