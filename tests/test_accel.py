@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import SMALL, simulate, split_by_batch
 
 import atlasmap
 from atlasmap.errors import InputError
 from atlasmap.training.accel import loss_function
-from support import SMALL, simulate, split_by_batch
 
 
 @pytest.fixture(scope="module")
