@@ -116,3 +116,24 @@ def test_resident_batches_on_fake_cuda(dense: bool) -> None:
         batches.append(resident.with_fields({"h": torch.zeros(90, 4)}).batch(np.array([1, 2])))
         for batch in batches:
             assert devices_of(batch) == {CUDA}
+
+
+@pytest.mark.parametrize("host_dense", [False, True], ids=["host-csr", "host-dense"])
+def test_staged_cells_give_the_host_batches(host_dense: bool) -> None:
+    """Counts that do not fit stream through the staging ring: the same minibatches, every ring slot reused
+    (more batches than slots), fields gathered from their device copy."""
+    from atlasmap.data.resident import StagedCells
+
+    host = _cells()
+    if host_dense:
+        host = CellData(torch.from_numpy(host.counts.toarray()), host.fields)
+    staged = StagedCells(host, "cpu", depth=2)
+    assert isinstance(staged, CellSource)
+    got = list(staged.iter_batches(np.arange(90), 16, shuffle=True, rng=np.random.default_rng(2)))
+    want = list(host.iter_batches(np.arange(90), 16, shuffle=True, rng=np.random.default_rng(2)))
+    assert len(got) == len(want) == 6 and len(staged._slots) == 2
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    more = staged.with_fields({"h": torch.ones(90, 2)})
+    assert more.fields["cat"] is staged.fields["cat"] and more.batch(np.array([0, 3]))["h"].shape == (2, 2)
+

@@ -15,6 +15,12 @@ training step can be captured in a CUDA graph. The epoch's shuffled order is dra
 numpy generator as the host path (the same minibatches, so a run on the device path computes what the host
 path computes) and uploaded once per epoch; each step then slices it on the device.
 
+When the counts do not fit, :class:`StagedCells` keeps them on the host and feeds the device through a ring
+of pinned staging buffers: the host gathers minibatch ``i + 1`` into one buffer while the copy of minibatch
+``i`` (asynchronous, from pinned memory) and its step run on the device; a buffer is reused only after the
+event recorded behind its copy has passed. The per-cell fields (codes, library sizes, precomputed terms:
+small next to the counts) still go to the device once.
+
 The same code runs on the CPU (``place_cells(..., force=True)``), which is how it is tested without a GPU.
 """
 
@@ -27,10 +33,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from atlasmap import ops
 from atlasmap.data.loader import CellData, minibatches, shard
 from atlasmap.protocols import Batch, CellSource
 
-__all__ = ["DEFAULT_MEMORY_FRACTION", "DeviceCells", "memory_budget", "place_cells"]
+__all__ = ["DEFAULT_MEMORY_FRACTION", "DeviceCells", "StagedCells", "memory_budget", "place_cells"]
 
 #: Share of the device's free memory the resident counts may take by default.
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -93,7 +100,8 @@ def _layout_bytes(cells: CellData) -> tuple[int, int]:
 
 def place_cells(cells: CellSource, device: torch.device | str, *, budget_bytes: int | None = None,
                 force: bool = False) -> CellSource:
-    """``cells`` resident on ``device`` when that pays and fits, else ``cells`` unchanged.
+    """``cells`` resident on ``device`` when that pays and fits; on CUDA otherwise streamed through pinned
+    staging buffers (:class:`StagedCells`); else ``cells`` unchanged.
 
     Parameters
     ----------
@@ -105,7 +113,7 @@ def place_cells(cells: CellSource, device: torch.device | str, *, budget_bytes: 
         CSR in place), so nothing moves unless ``force``.
     budget_bytes
         Most bytes the counts may take on the device (default :func:`memory_budget`): the smaller of the
-        dense and the ELL layout is taken if it fits, otherwise the cells stay on the host.
+        dense and the ELL layout is taken if it fits, otherwise the counts stay on the host.
     force
         Move even to the CPU (tests, and to compare the two paths).
     """
@@ -118,7 +126,7 @@ def place_cells(cells: CellSource, device: torch.device | str, *, budget_bytes: 
     use_dense = dense_bytes <= ell_bytes
     need = (dense_bytes if use_dense else ell_bytes) + field_bytes
     if budget is not None and need > budget:
-        return cells
+        return StagedCells(cells, device) if device.type == "cuda" else cells
     return DeviceCells.from_cells(cells, device, dense=use_dense)
 
 
@@ -211,6 +219,104 @@ class DeviceCells:
             return self
         moved = {k: v.to(self.device) for k, v in extra.items()}
         return DeviceCells(self._layout, {**self.fields, **moved}, self.host.with_fields(extra), self.device)
+
+    def library_sizes(self) -> np.ndarray:
+        return self.host.library_sizes()
+
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return self.host.csr_arrays()
+
+    def fingerprint(self) -> str:
+        return self.host.fingerprint()
+
+
+class StagedCells:
+    """A :class:`~atlasmap.protocols.CellSource` of host-held counts fed to ``device`` through a ring of
+    ``depth`` pinned staging buffers (asynchronous copies overlapping the device's work), with the per-cell
+    fields resident on the device. Built by :func:`place_cells` when the counts do not fit.
+
+    A batch's ``"x"`` is valid until ``depth - 1`` further batches have been drawn (the training loop
+    consumes each before the next; keep ``depth >= 2``).
+    """
+
+    def __init__(self, host: CellData, device: torch.device | str, *, depth: int = 3,
+                 moved: dict[str, torch.Tensor] | None = None) -> None:
+        self.host = host
+        self.device = torch.device(device)
+        moved = moved or {}  # fields already on the device (with_fields does not copy them again)
+        self.fields = {k: moved[k] if k in moved else v.to(self.device) for k, v in host.fields.items()}
+        self._depth = max(depth, 2)
+        self._slots: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = []
+        self._next = 0
+
+    @property
+    def n_cells(self) -> int:
+        return self.host.n_cells
+
+    def _slot(self, n_rows: int) -> torch.Tensor:
+        """The next free staging buffer's first ``n_rows`` rows (waits for the copy that last read it)."""
+        n_vars = int(self.host.counts.shape[1])
+        k = self._next
+        self._next = (k + 1) % self._depth
+        if k >= len(self._slots) or self._slots[k].shape[0] < n_rows:
+            pin = self.device.type == "cuda"
+            buffer = torch.empty((n_rows, n_vars), dtype=torch.float32, pin_memory=pin)
+            if k >= len(self._slots):
+                self._slots.append(buffer)
+                self._events.append(None)
+            else:
+                self._slots[k] = buffer
+        event = self._events[k]
+        if event is not None:
+            event.synchronize()
+        return self._slots[k][:n_rows]
+
+    def _counts(self, rows: np.ndarray) -> torch.Tensor:
+        k = self._next
+        slot = self._slot(rows.size)
+        csr = self.host.csr_arrays()
+        if csr is None:
+            torch.index_select(self.host.counts, 0, torch.from_numpy(rows), out=slot)
+        else:
+            ops.gather_rows(*csr, slot.shape[1], rows, out=slot)
+        if self.device.type == "cpu":  # no copy to overlap: hand out the rows themselves
+            return slot.clone()
+        x = slot.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._events[k] = event
+        return x
+
+    def batch(self, rows: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> Batch:
+        """The minibatch of ``rows``: counts staged and copied, fields gathered on the device."""
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        out = {"x": self._counts(rows)}
+        for name, tensor in self.fields.items():
+            out[name] = tensor.index_select(0, index)
+        return out
+
+    def iter_batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool, rng: np.random.Generator | None,
+                     device: torch.device | str | None = None, rank: int = 0, world_size: int = 1
+                     ) -> Iterator[Batch]:
+        """One epoch of minibatches of ``rows`` (the host path's order and shards)."""
+        for part in minibatches(len(rows), batch_size, shuffle=shuffle, generator=rng):
+            mine = shard(part, rank, world_size)
+            if mine.size:
+                yield self.batch(rows[mine])
+
+    def iter_ordered(self, batch_size: int, device: torch.device | str | None = None
+                     ) -> Iterator[tuple[slice, Batch]]:
+        for lo in range(0, self.n_cells, max(batch_size, 1)):
+            hi = min(lo + batch_size, self.n_cells)
+            yield slice(lo, hi), self.batch(np.arange(lo, hi))
+
+    def with_fields(self, extra: dict[str, torch.Tensor]) -> StagedCells:
+        if not extra:
+            return self
+        return StagedCells(self.host.with_fields(extra), self.device, depth=self._depth, moved=self.fields)
 
     def library_sizes(self) -> np.ndarray:
         return self.host.library_sizes()
