@@ -100,7 +100,7 @@ def main() -> None:
     rows.append((f"adam_step, {len(shapes)} tensors", per_call_us(lambda: ops.adam_step(
         params, grads, m, v, step_size=ss, bias2_sqrt=b2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0), 1000),
         float("nan")))
-    from atlasmap.optim import Adam
+    from atlasmap.training.optim import Adam
 
     trained = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for p in trained:

@@ -33,7 +33,8 @@ from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
 from atlasmap.modules.scvi import SCVIConfig, SCVIModule
 from atlasmap.modules.totalvi import TOTALVIConfig, TOTALVIModule
 from atlasmap.surgery import SurgeryOptions, add_category_blocks, apply_freezing
-from atlasmap.train import TrainConfig, make_optimizer, trainable_parameters, with_frozen_fields
+from atlasmap.training import TrainConfig
+from atlasmap.training.loop import make_optimizer, trainable_parameters, with_frozen_fields
 
 N_GENES, N_PROTEINS = 12, 4
 

@@ -1,4 +1,4 @@
-"""The hand-written training step (atlasmap.models.fused_step) against autograd.
+"""The hand-written training step (atlasmap.training.fused_step) against autograd.
 
 scVI's training uses :class:`FusedStep` instead of ``module.loss(...).backward()`` (reference training and
 query training after surgery). These tests check that it computes the same loss and the same gradients of
@@ -17,8 +17,9 @@ from support import SMALL, simulate, split_by_batch
 
 import atlasmap
 from atlasmap import ops
-from atlasmap.models import fused_step as fs
-from atlasmap.train import TrainConfig, train_module, with_frozen_fields
+from atlasmap.training import TrainConfig, train_module
+from atlasmap.training import fused_step as fs
+from atlasmap.training.loop import with_frozen_fields
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="the compiled kernels are not installed")
 
@@ -255,7 +256,7 @@ def test_fused_step_runs_compiled_only(data: tuple, monkeypatch: pytest.MonkeyPa
     """With the kernels available every op of the step takes the compiled path: a silent fallback to the
     PyTorch reference (e.g. after a layout change) would be correct but several times slower."""
     from atlasmap.ops import reference
-    from atlasmap.optim import Adam
+    from atlasmap.training.optim import Adam
 
     def fail(*_: Any, **__: Any) -> None:
         raise AssertionError("the fused step fell back to atlasmap.ops.reference")

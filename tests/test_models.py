@@ -269,7 +269,7 @@ def test_get_elbo_is_the_validation_elbo_on_the_same_cells() -> None:
     elbo_validation (same quantity, same eval-mode pass); it is seeded and refuses an untrained model."""
     from support import simulate
 
-    from atlasmap.train import split_cells
+    from atlasmap.training import split_cells
 
     adata = simulate(320, seed=5)
     model = atlasmap.SCVI(adata, batch_key="batch", **SMALL)

@@ -693,8 +693,8 @@ def test_fused_step_through_the_reference_ops_matches_autograd(monkeypatch: pyte
     from support import SMALL, simulate, split_by_batch
 
     import atlasmap
-    from atlasmap.models import fused_step as fs
-    from atlasmap.train import with_frozen_fields
+    from atlasmap.training import fused_step as fs
+    from atlasmap.training.loop import with_frozen_fields
 
     monkeypatch.setenv("ATLASMAP_KERNEL", "0")
     ref, _ = split_by_batch(simulate(240, seed=3))

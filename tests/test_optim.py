@@ -1,4 +1,4 @@
-"""atlasmap.optim.Adam against torch.optim.Adam, and what it spares a process."""
+"""atlasmap.training.optim.Adam against torch.optim.Adam, and what it spares a process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atlasmap import ops
-from atlasmap.optim import Adam
+from atlasmap.training.optim import Adam
 
 
 def make_params(seed: int) -> list[torch.nn.Parameter]:

@@ -83,7 +83,7 @@ def test_with_fields_keeps_the_resident_counts() -> None:
 @pytest.mark.parametrize("unfrozen", [False, True], ids=["surgery", "unfrozen"])
 def test_training_on_resident_cells_equals_the_host_path(unfrozen: bool) -> None:
     """Query training (frozen-first-layer precompute included) computes the same bits either way."""
-    from atlasmap.train import TrainConfig, train_module
+    from atlasmap.training import TrainConfig, train_module
 
     ref, query = split_by_batch(simulate(n_cells=200))
     reference = atlasmap.SCVI(ref, batch_key="batch", **SMALL)

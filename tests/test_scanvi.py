@@ -18,7 +18,7 @@ import atlasmap
 from atlasmap.errors import InputError, ModelFileError, NotTrainedError
 from atlasmap.models.scanvi import SCANVI, store_predictions
 from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
-from atlasmap.train import default_max_epochs
+from atlasmap.training import default_max_epochs
 
 LABELS = "cell_type"
 REF_EPOCHS = 30

@@ -30,7 +30,7 @@ from atlasmap.models.interop import from_scvi_tools
 from atlasmap.models.persistence import load_model, save_model
 from atlasmap.runtime import resolve_device
 from atlasmap.surgery import surgery_options
-from atlasmap.train import TrainConfig, default_max_epochs, evaluate_loss, train_module
+from atlasmap.training import TrainConfig, default_max_epochs, evaluate_loss, train_module
 
 
 class BaseModel:

@@ -37,7 +37,7 @@ from atlasmap.models.registry import register_model
 from atlasmap.models.scvi import SCVI
 from atlasmap.modules.scanvi import SCANVIConfig, SCANVIModule
 from atlasmap.modules.scvi import NormWhere
-from atlasmap.train import default_max_epochs
+from atlasmap.training import default_max_epochs
 
 UNLABELED = -1
 

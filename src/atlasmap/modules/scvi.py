@@ -215,7 +215,7 @@ class SCVIModule(CVAEModule):
         """Per-cell tensors that stay constant while training this module as it is frozen now: the
         encoder's first-layer expression term ``W_x log1p(x) + b`` (the largest matmul of a step: one
         ``H``-vector per cell instead of ``G`` genes) and, with a frozen per-gene dispersion, the NB term
-        ``sum_g lgamma(x + theta) - lgamma(theta)``. Used by :func:`atlasmap.train.train_module` for query
+        ``sum_g lgamma(x + theta) - lgamma(theta)``. Used by :func:`atlasmap.training.train_module` for query
         training after surgery; empty when everything trains (reference training).
         """
         first = self.encoder.layers[0].linear
@@ -239,13 +239,6 @@ class SCVIModule(CVAEModule):
             if want_lgamma:
                 out[LGAMMA_THETA].append(lgamma_theta_sum(x, theta))
         return {k: torch.cat(v).cpu() for k, v in out.items() if v}
-
-    def fused_step(self, cells: Any) -> Any:
-        """The hand-written training step (:mod:`atlasmap.models.fused_step`) for this module as it is frozen
-        now, or ``None`` when autograd must run."""
-        from atlasmap.models.fused_step import fused_step
-
-        return fused_step(self, cells)
 
     def loss(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossTerms:
         inf = self.inference(batch)

@@ -26,11 +26,10 @@ import torch
 
 from atlasmap.errors import InputError
 from atlasmap.protocols import Batch, LossTerms, TrainableModule
+from atlasmap.training.config import COMPILE_MODES, PRECISIONS
 
 Precision = Literal["32", "bf16"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
-PRECISIONS: tuple[str, ...] = ("32", "bf16")
-COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
 
 __all__ = ["COMPILE_MODES", "PRECISIONS", "CompileMode", "Precision", "autocast", "check_options", "loss_function"]
 

@@ -1,6 +1,6 @@
 /*
  * The elementwise parts of scVI's training step, forward and hand-written backward
- * (atlasmap.models.fused_step).
+ * (atlasmap.training.fused_step).
  *
  * Why: a step is a few matmuls (run by PyTorch) between ~300 small PyTorch operations on 128 x 128 tensors
  * (table lookups, layer norm, ReLU, dropout, their autograd nodes) whose dispatch costs more than their
