@@ -76,7 +76,8 @@ class CellSource(Protocol):
 
     def iter_batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool, rng: np.random.Generator | None,
                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        """One epoch of minibatches of ``rows``; with ``world_size > 1`` this rank's share."""
+        """One epoch of minibatches of ``rows``; with ``world_size > 1`` this rank's share of each step,
+        ``batch_size`` being the global minibatch of all ranks together."""
         ...
 
     def iter_ordered(self, batch_size: int, device: torch.device | str = "cpu"

@@ -464,7 +464,9 @@ class BackedCells:
         rows
             Cells to use, sorted ascending.
         batch_size
-            Cells per minibatch (per rank). A final single-cell batch is merged into the one before.
+            Cells per minibatch of all ranks together (the global minibatch, as for in-memory cells): each
+            rank cuts ``batch_size // world_size`` cells (at least 2) from its own chunks. A final
+            single-cell batch is merged into the one before.
         shuffle
             Shuffle the chunk order and the rows within the buffer of ``options.shuffle_chunks`` chunks.
             Without it, rows come in file order.
@@ -475,7 +477,7 @@ class BackedCells:
         rank, world_size
             Distributed sharding: rank ``r`` reads chunks ``r, r + world_size, ...`` of the (shuffled)
             chunk order, so each rank reads only its share of the file. Ranks may get a different number
-            of batches (use ``torch.distributed.algorithms.Join``).
+            of batches (the data-parallel strategy lets a rank that ran out take steps without cells).
         """
         rows = np.asarray(rows, dtype=np.int64)
         chunks = self._chunks_of(rows)
@@ -490,7 +492,8 @@ class BackedCells:
         chunks = shard(chunks, rank, world_size)
         group = self.options.shuffle_chunks if shuffle else 1
         groups = [chunks[i:i + group] for i in range(0, len(chunks), group)]
-        batches = self._generate(groups, batch_size, local_rng, device)
+        per_rank = batch_size if world_size == 1 else max(2, batch_size // world_size)
+        batches = self._generate(groups, per_rank, local_rng, device)
         if self.options.prefetch:
             # the whole pipeline (read, shuffle buffer, densify) runs one step ahead in a worker thread
             return _prefetch(batches, depth=4)
